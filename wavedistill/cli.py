@@ -1,0 +1,82 @@
+"""Command-line interface: ``wavedistill <command> ...``.
+
+Every command reports bad input as one line on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import UserError
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .prepare import run_prepare
+
+    cfg = load_config(args.config, args.overrides)
+    run_prepare(args.wav_dir, args.out, cfg)
+    return 0
+
+
+def _train_teacher(args: argparse.Namespace) -> int:
+    from .train_teacher import train_teacher
+
+    train_teacher(args.config, args.data, args.out, overrides=args.overrides, max_steps=args.max_steps, resume=args.resume)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wavedistill", description="Probability density distillation of neural vocoders.")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"wavedistill {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    sp = sub.add_parser("prepare", help="build a feature cache (waveforms + log-mels) from a directory of audio")
+    sp.add_argument("--wav-dir", required=True, help="directory searched recursively for audio files")
+    sp.add_argument("--out", required=True, help="output feature-cache directory")
+    sp.add_argument("--config", default=None, help="recipe YAML (features/prepare sections are used)")
+    sp.add_argument("overrides", nargs="*", metavar="section.key=value")
+    sp.set_defaults(func=_prepare)
+
+    sp = sub.add_parser("train-teacher", help="train a WaveNet teacher by maximum likelihood")
+    sp.add_argument("--config", required=True)
+    sp.add_argument("--data", required=True, help="feature cache written by 'wavedistill prepare'")
+    sp.add_argument("--out", required=True, help="experiment directory (checkpoints, logs)")
+    sp.add_argument("--max-steps", type=int, default=None)
+    sp.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    sp.add_argument("overrides", nargs="*", metavar="section.key=value")
+    sp.set_defaults(func=_train_teacher)
+
+    _add_more_commands(sub)
+    return p
+
+
+def _add_more_commands(sub) -> None:
+    """Commands of the student/synthesis side (registered when their modules exist)."""
+    try:
+        from .cli_more import register
+    except ImportError:
+        return
+    register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        msg = " ".join(str(e).split())
+        print(f"wavedistill {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"wavedistill {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

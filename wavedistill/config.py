@@ -1,0 +1,379 @@
+"""Configuration: YAML files mapped onto dataclasses, with typed overrides.
+
+A recipe config has up to six sections (``features``, ``prepare``, ``teacher``,
+``student``, ``train``, ``distill``); each maps onto one dataclass below, and
+every section is optional (defaults apply).  Unknown keys and wrong types are
+:class:`~wavedistill.errors.UserError`.  Overrides are ``section.key=value``
+strings whose value is parsed as YAML and checked against the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class FeatureConfig:
+    """Waveform and log-mel parameters; recorded in every cache and checkpoint."""
+
+    sample_rate: int = 8000
+    n_fft: int = 512
+    win_length: int = 320
+    hop_length: int = 80
+    n_mels: int = 64
+    fmin: float = 40.0
+    fmax: float = 4000.0
+    log_floor: float = 1e-5
+
+    def validate(self) -> None:
+        _positive(self, "sample_rate", "n_fft", "win_length", "hop_length", "n_mels", "log_floor")
+        if self.win_length > self.n_fft:
+            raise UserError(f"features.win_length ({self.win_length}) exceeds features.n_fft ({self.n_fft}); make it <= n_fft")
+        if not (0 <= self.fmin < self.fmax <= self.sample_rate / 2):
+            raise UserError(
+                f"features.fmin/fmax ({self.fmin}, {self.fmax}) must satisfy 0 <= fmin < fmax <= sample_rate/2 ({self.sample_rate / 2})"
+            )
+
+
+@dataclass
+class PrepareConfig:
+    """How ``wavedistill prepare`` selects, trims and splits utterances."""
+
+    trim_top_db: float = 40.0
+    min_seconds: float = 0.3
+    max_seconds: float = 60.0
+    valid_fraction: float = 0.04
+    test_fraction: float = 0.04
+    seed: int = 1234
+
+    def validate(self) -> None:
+        _positive(self, "trim_top_db", "min_seconds", "max_seconds")
+        for name in ("valid_fraction", "test_fraction"):
+            v = getattr(self, name)
+            if not 0 <= v < 0.5:
+                raise UserError(f"prepare.{name}={v} is out of range; use a value in [0, 0.5)")
+
+
+@dataclass
+class TeacherConfig:
+    """WaveNet teacher architecture (constructor arguments of :class:`Teacher`)."""
+
+    layers: int = 20
+    stacks: int = 2
+    kernel_size: int = 2
+    residual_channels: int = 64
+    gate_channels: int = 128
+    skip_channels: int = 64
+    cond_channels: int = 64
+    upsample_scales: list[int] = field(default_factory=lambda: [4, 4, 5])
+    n_speakers: int = 0
+    speaker_channels: int = 16
+    output: Literal["mol", "gaussian"] = "mol"
+    mixtures: int = 10
+    log_scale_min: float = -16.0
+
+    def validate(self, features: FeatureConfig | None = None) -> None:
+        _positive(self, "layers", "stacks", "residual_channels", "gate_channels", "skip_channels", "cond_channels", "mixtures")
+        if self.kernel_size not in (2, 3):
+            raise UserError(f"teacher.kernel_size={self.kernel_size} is not supported; use 2 or 3")
+        if self.layers % self.stacks:
+            raise UserError(f"teacher.layers ({self.layers}) must be a multiple of teacher.stacks ({self.stacks})")
+        if self.gate_channels % 2:
+            raise UserError(f"teacher.gate_channels ({self.gate_channels}) must be even")
+        if self.n_speakers < 0:
+            raise UserError("teacher.n_speakers must be >= 0")
+        if any(s <= 0 for s in self.upsample_scales):
+            raise UserError(f"teacher.upsample_scales {self.upsample_scales} must all be positive")
+        if features is not None and math.prod(self.upsample_scales) != features.hop_length:
+            raise UserError(
+                f"the product of teacher.upsample_scales {self.upsample_scales} must equal features.hop_length ({features.hop_length})"
+            )
+
+
+@dataclass
+class StudentConfig:
+    """IAF student architecture (constructor arguments of :class:`Student`)."""
+
+    flow_layers: list[int] = field(default_factory=lambda: [10, 10, 10, 30])
+    stacks_per_flow: list[int] = field(default_factory=lambda: [1, 1, 1, 3])
+    kernel_size: int = 3
+    residual_channels: int = 64
+    gate_channels: int = 128
+    cond_channels: int = 64
+    upsample_scales: list[int] = field(default_factory=lambda: [4, 4, 5])
+    distribution: Literal["logistic", "gaussian"] = "logistic"
+    log_scale_bound: float = 7.0
+    init_log_scale: float = -3.0
+
+    def validate(self, features: FeatureConfig | None = None) -> None:
+        _positive(self, "residual_channels", "gate_channels", "cond_channels", "log_scale_bound")
+        if not self.flow_layers or any(n <= 0 for n in self.flow_layers):
+            raise UserError(f"student.flow_layers {self.flow_layers} must be a non-empty list of positive layer counts")
+        if len(self.stacks_per_flow) != len(self.flow_layers):
+            raise UserError("student.stacks_per_flow must have one entry per flow in student.flow_layers")
+        for n, s in zip(self.flow_layers, self.stacks_per_flow):
+            if s <= 0 or n % s:
+                raise UserError(f"student flow with {n} layers cannot be split into {s} stacks; fix student.stacks_per_flow")
+        if self.kernel_size not in (2, 3):
+            raise UserError(f"student.kernel_size={self.kernel_size} is not supported; use 2 or 3")
+        if self.gate_channels % 2:
+            raise UserError(f"student.gate_channels ({self.gate_channels}) must be even")
+        if features is not None and math.prod(self.upsample_scales) != features.hop_length:
+            raise UserError(
+                f"the product of student.upsample_scales {self.upsample_scales} must equal features.hop_length ({features.hop_length})"
+            )
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping shared by teacher training and distillation."""
+
+    batch_size: int = 4
+    segment_samples: int = 8000
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    decay_steps: int = 200000
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 10.0
+    ema_decay: float = 0.999
+    grad_accum: int = 1
+    max_steps: int = 100000
+    mixed_precision: Literal["no", "bf16"] = "no"
+    seed: int = 1234
+    log_every: int = 10
+    valid_every: int = 200
+    valid_utterances: int = 8
+    valid_segment_samples: int = 16000
+    save_every: int = 200
+    keep_checkpoints: int = 3
+    sample_every: int = 1000
+    sample_seconds: float = 0.5
+    max_bad_steps: int = 20
+    num_threads: int = 0
+
+    def validate(self) -> None:
+        _positive(
+            self, "batch_size", "segment_samples", "lr", "grad_clip", "grad_accum", "max_steps", "log_every",
+            "valid_every", "save_every", "keep_checkpoints", "sample_every", "max_bad_steps", "valid_utterances",
+            "valid_segment_samples",
+        )
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"train.ema_decay={self.ema_decay} must be in [0, 1)")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise UserError("train.warmup_steps and train.decay_steps must be >= 0")
+
+
+@dataclass
+class DistillConfig:
+    """Loss weights and estimator settings for probability density distillation."""
+
+    loss: Literal["parallel_wavenet", "clarinet"] = "parallel_wavenet"
+    ce_samples: int = 16
+    kl_weight: float = 1.0
+    stft_weight: float = 1.0
+    stft_fft_sizes: list[int] = field(default_factory=lambda: [512, 256, 128])
+    stft_hop_sizes: list[int] = field(default_factory=lambda: [128, 64, 32])
+    stft_win_sizes: list[int] = field(default_factory=lambda: [512, 256, 128])
+    contrastive_weight: float = 0.0
+    contrastive_gamma: float = 0.3
+    clarinet_reg: float = 4.0
+    student_log_scale_min: float = -7.0
+    kl_clip_min: float = -100.0
+    kl_clip_max: float = 10.0
+
+    def validate(self) -> None:
+        _positive(self, "ce_samples")
+        if not (len(self.stft_fft_sizes) == len(self.stft_hop_sizes) == len(self.stft_win_sizes)):
+            raise UserError("distill.stft_fft_sizes, stft_hop_sizes and stft_win_sizes must have the same length")
+        for n, h, w in zip(self.stft_fft_sizes, self.stft_hop_sizes, self.stft_win_sizes):
+            if n <= 0 or h <= 0 or w <= 0 or w > n:
+                raise UserError(f"STFT resolution (fft={n}, hop={h}, win={w}) is invalid; need positive sizes and win <= fft")
+        for name in ("kl_weight", "stft_weight", "contrastive_weight", "clarinet_reg"):
+            if getattr(self, name) < 0:
+                raise UserError(f"distill.{name} must be >= 0")
+
+
+@dataclass
+class Config:
+    """A whole recipe config."""
+
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def validate(self) -> "Config":
+        self.features.validate()
+        self.prepare.validate()
+        self.teacher.validate(self.features)
+        self.student.validate(self.features)
+        self.train.validate()
+        self.distill.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _positive(obj: Any, *names: str) -> None:
+    section = _SECTION_OF.get(type(obj), type(obj).__name__)
+    for name in names:
+        v = getattr(obj, name)
+        if v <= 0:
+            raise UserError(f"{section}.{name}={v} must be positive")
+
+
+_SECTION_OF = {
+    FeatureConfig: "features",
+    PrepareConfig: "prepare",
+    TeacherConfig: "teacher",
+    StudentConfig: "student",
+    TrainConfig: "train",
+    DistillConfig: "distill",
+}
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise a one-line UserError."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, where)
+            except UserError as e:
+                errors.append(str(e))
+        raise UserError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise UserError(f"{where}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise UserError(f"{where}={value!r} must be a list, e.g. [1, 2]")
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}={value!r} must be a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise UserError(f"{where}={value!r} must be finite")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}={value!r} must be a string")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {where}")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"config section '{where}' must be a mapping of key: value, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(map(str, data)) - names)
+    if unknown:
+        raise UserError(f"unknown config key '{where}.{unknown[0]}'; valid keys in '{where}': {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{where}.{name}" if where else name)
+        else:
+            kwargs[name] = _check_type(value, tp, f"{where}.{name}" if where else name)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: Any) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError("a config file must be a YAML mapping with sections such as 'features:' and 'teacher:'")
+    hints = typing.get_type_hints(Config)
+    unknown = sorted(set(map(str, data)) - set(hints))
+    if unknown:
+        raise UserError(f"unknown config section '{unknown[0]}'; valid sections: {', '.join(hints)}")
+    return Config(**{k: _build(hints[k], v, k) for k, v in data.items()})
+
+
+def read_yaml(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist; pass a YAML file such as recipes/demo/teacher.yaml")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"config file {path} is not valid YAML ({first}); fix the syntax") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to a raw config mapping (checked later)."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(Config)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not of the form section.key=value (e.g. train.lr=3e-4)")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise UserError(f"override key '{key}' must be section.key (e.g. teacher.layers=10)")
+        section, name = parts
+        if section not in hints:
+            raise UserError(f"unknown config section '{section}' in override '{item}'; valid sections: {', '.join(hints)}")
+        fields_ = {f.name for f in dataclasses.fields(hints[section])}
+        if name not in fields_:
+            raise UserError(f"unknown config key '{section}.{name}' in override; valid keys: {', '.join(sorted(fields_))}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        sec = dict(data.get(section) or {})
+        sec[name] = value
+        data[section] = sec
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    data = read_yaml(path) if path is not None else {}
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a YAML mapping with sections such as 'features:' and 'teacher:'")
+    data = apply_overrides(data or {}, overrides or [])
+    return config_from_dict(data).validate()
+
+
+def section_from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build one section dataclass from a mapping (used for checkpoints)."""
+    return _build(cls, data, where)

@@ -1,0 +1,16 @@
+"""User-facing errors.
+
+A :class:`UserError` is a problem with what the user gave us (a path, a config,
+a checkpoint).  The CLI prints its message on one line and exits with code 2;
+nothing else in the package prints tracebacks for such problems.
+"""
+
+
+class UserError(Exception):
+    """Bad input: the message says what is wrong and what to do."""
+
+    exit_code = 2
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive non-finite training steps."""
