@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import os
 import shutil
@@ -103,6 +102,7 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, 0o755)
     try:
         yield tmp
         for p in tmp.rglob("*"):
@@ -143,7 +143,3 @@ def read_json(path: str | Path, what: str) -> Any:
         raise UserError(f"{what} {path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{what} {path} is corrupt ({e}); delete it and re-run") from None
-
-
-def bytes_io(data: bytes) -> io.BytesIO:
-    return io.BytesIO(data)

@@ -1,0 +1,155 @@
+"""Building blocks shared by the teacher and the student.
+
+* :class:`ResidualLayer` — causal dilated convolution, conditioning, gated
+  tanh·sigmoid unit, residual and skip projections.
+* :class:`WaveNet` — a stack of residual layers with dilation cycles.
+* :class:`ConditionNet` — log-mel normalisation, frame-rate context
+  convolution, learned upsampling to sample rate and optional speaker
+  embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SQRT_HALF = math.sqrt(0.5)
+
+
+class ResidualLayer(nn.Module):
+    """``forward(x, c) -> (x_out, skip)``; causal in ``x``, pointwise in ``c``."""
+
+    def __init__(self, residual: int, gate: int, skip: int, cond: int, kernel_size: int, dilation: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.conv = nn.Conv1d(residual, gate, kernel_size, dilation=dilation)
+        self.cond = nn.Conv1d(cond, gate, 1, bias=False) if cond > 0 else None
+        self.res = nn.Conv1d(gate // 2, residual, 1)
+        self.skip = nn.Conv1d(gate // 2, skip, 1) if skip > 0 else None
+
+    @property
+    def padding(self) -> int:
+        return (self.kernel_size - 1) * self.dilation
+
+    def gate_input(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        h = self.conv(F.pad(x, (self.padding, 0)))
+        if self.cond is not None and c is not None:
+            h = h + self.cond(c)
+        return h
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None):
+        a, b = self.gate_input(x, c).chunk(2, dim=1)
+        z = torch.tanh(a) * torch.sigmoid(b)
+        out = (x + self.res(z)) * SQRT_HALF
+        skip = self.skip(z) if self.skip is not None else None
+        return out, skip
+
+
+class WaveNet(nn.Module):
+    """Causal WaveNet mapping ``x [B, in, T]`` (and ``c [B, cond, T]``) to ``[B, out, T]``.
+
+    Output at time t depends on inputs at times <= t only.  With
+    ``skip_channels == 0`` (the IAF flows) the head reads the final residual
+    stream instead of a skip sum.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        layers: int,
+        stacks: int,
+        kernel_size: int,
+        residual_channels: int,
+        gate_channels: int,
+        skip_channels: int,
+        cond_channels: int,
+    ):
+        super().__init__()
+        per_stack = layers // stacks
+        self.dilations = [2 ** (i % per_stack) for i in range(layers)]
+        self.kernel_size = kernel_size
+        self.skip_channels = skip_channels
+        self.input = nn.Conv1d(in_channels, residual_channels, 1)
+        self.layers = nn.ModuleList(
+            ResidualLayer(residual_channels, gate_channels, skip_channels, cond_channels, kernel_size, d)
+            for d in self.dilations
+        )
+        head_in = skip_channels if skip_channels > 0 else residual_channels
+        self.head1 = nn.Conv1d(head_in, head_in, 1)
+        self.head2 = nn.Conv1d(head_in, out_channels, 1)
+
+    @property
+    def receptive_field(self) -> int:
+        return (self.kernel_size - 1) * sum(self.dilations) + 1
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head2(F.relu(self.head1(F.relu(h))))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.input(x)
+        skips = None
+        for layer in self.layers:
+            h, s = layer(h, c)
+            if s is not None:
+                skips = s if skips is None else skips + s
+        if self.skip_channels > 0:
+            h = skips * math.sqrt(1.0 / len(self.layers))
+        return self.head(h)
+
+
+class ConditionNet(nn.Module):
+    """Log-mel frames ``[B, n_mels, F]`` → conditioning ``[B, cond, F*hop]``.
+
+    Normalises with the corpus statistics (buffers saved with the model), mixes
+    neighbouring frames with a small convolution, then upsamples by repeated
+    nearest-neighbour stretching followed by a learned smoothing filter per
+    scale (the product of ``upsample_scales`` is the hop length).
+    """
+
+    def __init__(self, n_mels: int, cond_channels: int, upsample_scales: list[int], n_speakers: int = 0, speaker_channels: int = 16):
+        super().__init__()
+        self.register_buffer("mel_mean", torch.zeros(n_mels))
+        self.register_buffer("mel_std", torch.ones(n_mels))
+        self.pre = nn.Conv1d(n_mels, cond_channels, 5, padding=2)
+        self.scales = list(upsample_scales)
+        self.smooth = nn.ModuleList()
+        for s in self.scales:
+            conv = nn.Conv2d(1, 1, (1, 2 * s + 1), padding=(0, s), bias=False)
+            nn.init.constant_(conv.weight, 1.0 / (2 * s + 1))
+            self.smooth.append(conv)
+        self.speaker = nn.Embedding(n_speakers, cond_channels) if n_speakers > 0 else None
+
+    @property
+    def hop(self) -> int:
+        return math.prod(self.scales)
+
+    @property
+    def frame_context(self) -> int:
+        """Frames on each side that influence one output sample (for chunking)."""
+        samples = 0
+        scale = 1
+        for s in reversed(self.scales):
+            samples += s * scale
+            scale *= s
+        return 2 + math.ceil(samples / self.hop) + 1
+
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mel_mean.copy_(mean)
+        self.mel_std.copy_(std.clamp_min(1e-3))
+
+    def forward(self, mel: torch.Tensor, speaker: torch.Tensor | None = None) -> torch.Tensor:
+        x = (mel - self.mel_mean[:, None]) / self.mel_std[:, None]
+        x = F.leaky_relu(self.pre(x), 0.2)
+        if self.speaker is not None:
+            if speaker is None:
+                raise ValueError("this model needs a speaker id")
+            x = x + self.speaker(speaker)[:, :, None]
+        h = x.unsqueeze(1)
+        for s, conv in zip(self.scales, self.smooth):
+            h = conv(h.repeat_interleave(s, dim=3))
+        return h.squeeze(1)

@@ -1,0 +1,108 @@
+"""The WaveNet teacher: parallel likelihood and autoregressive generation.
+
+``teacher.log_prob(audio, mel)`` scores a whole utterance in one parallel pass
+(teacher forcing: the input is the waveform shifted right by one sample).
+``teacher.generate(mel)`` samples autoregressively with per-layer ring-buffer
+queues (:mod:`wavedistill.generation`); ``teacher.generate_naive(mel)``
+recomputes the receptive field at every step and is kept as the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TeacherConfig
+from .distributions import make_distribution, quantize
+from .layers import ConditionNet, WaveNet
+
+
+class Teacher(nn.Module):
+    kind = "teacher"
+
+    def __init__(self, cfg: TeacherConfig, n_mels: int):
+        super().__init__()
+        self.cfg = dataclasses.replace(cfg)
+        self.n_mels = n_mels
+        self.dist = make_distribution(cfg.output, cfg.mixtures, cfg.log_scale_min)
+        self.cond = ConditionNet(n_mels, cfg.cond_channels, cfg.upsample_scales, cfg.n_speakers, cfg.speaker_channels)
+        self.net = WaveNet(
+            1, self.dist.n_params, cfg.layers, cfg.stacks, cfg.kernel_size, cfg.residual_channels,
+            cfg.gate_channels, cfg.skip_channels, cfg.cond_channels,
+        )
+
+    # ------------------------------------------------------------------ parallel
+    @property
+    def hop(self) -> int:
+        return self.cond.hop
+
+    @property
+    def receptive_field(self) -> int:
+        return self.net.receptive_field
+
+    def condition(self, mel: torch.Tensor, speaker: torch.Tensor | None = None) -> torch.Tensor:
+        return self.cond(mel, speaker)
+
+    def params_from_cond(self, audio: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Distribution parameters ``[B, P, T]`` for every sample, given ``x_<t`` (teacher forcing)."""
+        x_in = F.pad(audio[:, :-1], (1, 0)).unsqueeze(1)
+        return self.net(x_in.to(c.dtype), c)
+
+    def forward(self, audio: torch.Tensor, mel: torch.Tensor, speaker: torch.Tensor | None = None, context: int = 0) -> torch.Tensor:
+        """Parameters for every sample of ``audio [B, T]``; ``mel`` may carry ``context`` extra frames per side."""
+        c = self.condition(mel, speaker)
+        if context:
+            c = c[:, :, context * self.hop : context * self.hop + audio.shape[1]]
+        return self.params_from_cond(audio, c)
+
+    def log_prob(self, audio: torch.Tensor, mel: torch.Tensor, speaker: torch.Tensor | None = None) -> torch.Tensor:
+        """Discretized 16-bit log-likelihood per sample ``[B, T]`` (nats), in one parallel pass."""
+        x = quantize(audio.float())
+        params = self.forward(x, mel, speaker)
+        return self.dist.log_prob_discrete(params, x)
+
+    def log_density(self, audio: torch.Tensor, mel: torch.Tensor, speaker: torch.Tensor | None = None) -> torch.Tensor:
+        """Continuous log-density per sample ``[B, T]`` (for scoring student samples)."""
+        return self.dist.log_density(self.forward(audio, mel, speaker), audio)
+
+    # ------------------------------------------------------------------ sampling
+    def make_noise(self, batch: int, length: int, seed: int | None = None, device=None, dtype=torch.float32) -> torch.Tensor:
+        g = torch.Generator(device="cpu")
+        if seed is None:
+            g.seed()
+        else:
+            g.manual_seed(int(seed))
+        return torch.rand(batch, self.dist.n_noise, length, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    @torch.no_grad()
+    def generate(self, mel: torch.Tensor, *, noise: torch.Tensor | None = None, seed: int | None = None,
+                 temperature: float = 1.0, speaker: torch.Tensor | None = None, progress=None) -> torch.Tensor:
+        """Autoregressive sampling with cached per-layer queues; returns ``[B, frames*hop]``."""
+        from .generation import CachedGenerator
+
+        c = self.condition(mel, speaker)
+        if noise is None:
+            noise = self.make_noise(c.shape[0], c.shape[2], seed, c.device, c.dtype)
+        return CachedGenerator(self).run(c, noise, temperature=temperature, progress=progress)
+
+    @torch.no_grad()
+    def generate_naive(self, mel: torch.Tensor, *, noise: torch.Tensor | None = None, seed: int | None = None,
+                       temperature: float = 1.0, speaker: torch.Tensor | None = None) -> torch.Tensor:
+        """Reference sampler: recomputes the receptive field for every sample."""
+        c = self.condition(mel, speaker)
+        B, _, T = c.shape
+        if noise is None:
+            noise = self.make_noise(B, T, seed, c.device, c.dtype)
+        rf = self.receptive_field
+        x_in = torch.zeros(B, 1, T + 1, dtype=c.dtype, device=c.device)  # x_in[:, :, t] = x[t-1]
+        out = torch.zeros(B, T, dtype=c.dtype, device=c.device)
+        for t in range(T):
+            lo = max(0, t + 1 - rf)
+            params = self.net(x_in[:, :, lo : t + 1], c[:, :, lo : t + 1])[:, :, -1:]
+            x_t = self.dist.sample(params, noise[:, :, t : t + 1], temperature)[:, 0]
+            out[:, t] = x_t
+            x_in[:, 0, t + 1] = x_t
+        return out
