@@ -187,9 +187,10 @@ def test_write_wav_then_load_is_lossless_for_16bit_audio(tmp_path, good_wav):
 def test_quantize_16bit_maps_onto_grid_and_is_idempotent():
     x = torch.cat([torch.linspace(-1.3, 1.3, 100003), torch.tensor([-1.0, 0.0, 1.0])])
     q = quantize_16bit(x)
-    codes = (q.double() + 1) * 65535 / 2
-    assert float((codes - codes.round()).abs().max()) < 1e-3
-    assert float(codes.min()) >= 0 and float(codes.max()) <= 65535
+    codes = ((q.double() + 1) * 65535 / 2).round().long()
+    assert int(codes.min()) >= 0 and int(codes.max()) <= 65535
+    grid = (-1 + 2 * torch.arange(65536, dtype=torch.float64) / 65535).float()
+    torch.testing.assert_close(q, grid[codes], rtol=0, atol=0)
     torch.testing.assert_close(quantize_16bit(q), q, rtol=0, atol=0)
     inside = x.abs() <= 1
     assert float((q[inside] - x[inside]).abs().max()) <= 1 / 65535 + 1e-6
@@ -197,5 +198,6 @@ def test_quantize_16bit_maps_onto_grid_and_is_idempotent():
 
 
 def test_quantize_16bit_keeps_every_grid_point():
-    grid = torch.arange(65536, dtype=torch.float32) * (2 / 65535) - 1
+    grid = -1 + 2 * torch.arange(65536, dtype=torch.float64) / 65535
+    grid = grid.float()
     torch.testing.assert_close(quantize_16bit(grid), grid, rtol=0, atol=0)

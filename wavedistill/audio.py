@@ -126,6 +126,10 @@ def write_wav(path: str | Path, audio, sample_rate: int) -> None:
 
 
 def quantize_16bit(x: torch.Tensor) -> torch.Tensor:
-    """Snap audio onto the 65536-point grid ``-1 + 2 i / 65535`` (clamped to [-1, 1])."""
-    i = torch.clamp(torch.round((x + 1.0) * (65535 / 2)), 0, 65535)
-    return i * (2 / 65535) - 1.0
+    """Snap audio onto the 65536-point grid ``-1 + 2 i / 65535`` (clamped to [-1, 1]).
+
+    Computed in float64 and rounded once to ``x.dtype``, so each grid point is
+    the nearest representable value and quantising twice changes nothing.
+    """
+    i = torch.clamp(torch.round((x.double() + 1.0) * (65535 / 2)), 0, 65535)
+    return (i * (2 / 65535) - 1.0).to(x.dtype)

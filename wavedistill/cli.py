@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import UserError
+from .errors import NonFiniteError, UserError
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -24,6 +24,13 @@ def _train_teacher(args: argparse.Namespace) -> int:
     from .train_teacher import train_teacher
 
     train_teacher(args.config, args.data, args.out, overrides=args.overrides, max_steps=args.max_steps, resume=args.resume)
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    from .distill import distill
+
+    distill(args.config, args.teacher, args.data, args.out, overrides=args.overrides, max_steps=args.max_steps, resume=args.resume)
     return 0
 
 
@@ -51,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", metavar="section.key=value")
     sp.set_defaults(func=_train_teacher)
 
+    sp = sub.add_parser("distill", help="distill a trained teacher into a parallel IAF student")
+    sp.add_argument("--config", required=True)
+    sp.add_argument("--teacher", required=True, help="teacher checkpoint directory")
+    sp.add_argument("--data", required=True, help="feature cache written by 'wavedistill prepare'")
+    sp.add_argument("--out", required=True, help="experiment directory (checkpoints, logs)")
+    sp.add_argument("--max-steps", type=int, default=None)
+    sp.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    sp.add_argument("overrides", nargs="*", metavar="section.key=value")
+    sp.set_defaults(func=_distill)
+
     _add_more_commands(sub)
     return p
 
@@ -73,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).split())
         print(f"wavedistill {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except NonFiniteError as e:
+        print(f"wavedistill {args.command}: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"wavedistill {args.command}: interrupted", file=sys.stderr)
         return 130

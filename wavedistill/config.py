@@ -184,8 +184,8 @@ class DistillConfig:
     stft_fft_sizes: list[int] = field(default_factory=lambda: [512, 256, 128])
     stft_hop_sizes: list[int] = field(default_factory=lambda: [128, 64, 32])
     stft_win_sizes: list[int] = field(default_factory=lambda: [512, 256, 128])
+    # γ in KL(P_S(c1)‖P_T(c1)) − γ·KL(P_S(c1)‖P_T(c2)) with mismatched c2; the paper uses 0.3, 0 disables.
     contrastive_weight: float = 0.0
-    contrastive_gamma: float = 0.3
     clarinet_reg: float = 4.0
     student_log_scale_min: float = -7.0
     kl_clip_min: float = -100.0

@@ -59,16 +59,14 @@ def run_prepare(wav_dir: str | Path, out: str | Path, cfg: Config) -> dict[str, 
     sr, prep = cfg.features.sample_rate, cfg.prepare
 
     utterances: dict[str, dict[str, Any]] = {}
-    trimmed_seconds: dict[str, float] = {}
     skipped: list[dict[str, str]] = []
     reused = 0
     for rel, uttid in tqdm(list(zip(sources, uttids)), desc="prepare", unit="file", file=sys.stderr, disable=None):
         src = wav_dir / rel
         try:
             entry = _reuse(out, uttid, src, rel, cfg)
-            if entry is not None:
-                reused += 1
-            else:
+            was_cached = entry is not None
+            if entry is None:
                 entry = _process(src, rel, uttid, cfg, feats, writer)
             seconds = entry.pop("trimmed_samples") / sr
             if seconds < prep.min_seconds:
@@ -80,7 +78,7 @@ def run_prepare(wav_dir: str | Path, out: str | Path, cfg: Config) -> dict[str, 
             tqdm.write(f"skipped {src}: {e}", file=sys.stderr)
             continue
         utterances[uttid] = entry
-        trimmed_seconds[uttid] = seconds
+        reused += was_cached
 
     if not utterances:
         what = f"{len(sources)} files, all skipped: {skipped[0]['reason']}" if skipped else "no files found"
@@ -270,7 +268,8 @@ def check_summary_features(out: Path, features: FeatureConfig) -> None:
     path = out / "summary.json"
     if not path.is_file():
         return
-    recorded = read_json(path, "feature-cache summary").get("features")
+    data = read_json(path, "feature-cache summary")
+    recorded = data.get("features") if isinstance(data, dict) else None
     wanted = dataclasses.asdict(features)
     if recorded != wanted:
         diffs = [f"{k}: {recorded.get(k) if isinstance(recorded, dict) else None!r} -> {v!r}"
@@ -333,6 +332,6 @@ def _report(summary: dict, out: Path, reused: int) -> None:
         f"prepared {c['used']} of {c['found']} files ({c['skipped']} skipped{again}): "
         f"train {c['train']}, valid {c['valid']}, test {c['test']}; {length} of audio"
     )
-    note = " (never normalised; check the recordings)" if p["clipped_files"] else ""
-    print(f"peaks: max {p['max']:.3f}, median {p['median']:.3f}; {p['clipped_files']} files reach {CLIP_LEVEL}{note}")
+    note = "; audio is never normalised, check those recordings" if p["clipped_files"] else ""
+    print(f"peaks: max {p['max']:.3f}, median {p['median']:.3f}; {p['clipped_files']} clipped files (peak >= {CLIP_LEVEL}{note})")
     print(f"feature cache: {out} (summary.json lists every skipped file and utterance)")

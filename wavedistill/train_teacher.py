@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import time
 from pathlib import Path
@@ -116,7 +118,7 @@ def train_teacher(config_path, data, out, overrides=None, max_steps=None, resume
         for micro in range(tc.grad_accum):
             audio, mel = sampler.batch(run.step * tc.grad_accum + micro, tc.batch_size, rank, world)
             audio, mel = audio.to(acc.device), mel.to(acc.device)
-            sync = acc.no_sync(model) if micro < tc.grad_accum - 1 else _null()
+            sync = acc.no_sync(model) if micro < tc.grad_accum - 1 else contextlib.nullcontext()
             with sync, acc.autocast():
                 x = quantize(audio.float())
                 params = model(x, mel, None, context)
@@ -180,13 +182,6 @@ def train_teacher(config_path, data, out, overrides=None, max_steps=None, resume
               f"{samples_seen / max(elapsed, 1e-9):.0f} training samples/s; checkpoints in {exp / 'checkpoints'}", flush=True)
     return {"step": run.step, "valid_bits": last_valid, "history": history}
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 @torch.no_grad()
