@@ -73,11 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_more_commands(sub) -> None:
-    """Commands of the student/synthesis side (registered when their modules exist)."""
-    try:
-        from .cli_more import register
-    except ImportError:
-        return
+    """synthesize / eval / bench live in cli_synthesis.py."""
+    from .cli_synthesis import register
+
     register(sub)
 
 

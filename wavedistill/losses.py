@@ -81,7 +81,8 @@ def log_mel_distance(mel_extractor, x: torch.Tensor, y: torch.Tensor) -> torch.T
 class DistillationLoss:
     """Computes every distillation term for one batch; returns ``(total, terms)``.
 
-    ``terms`` holds detached floats: ``kl``, ``cross_entropy``, ``entropy``,
+    ``terms`` holds detached floats: ``kl`` (the estimate CE − H), ``kl_clipped`` (the
+    per-timestep-clipped KL that is optimised), ``cross_entropy``, ``entropy``,
     ``stft``, ``log_s_tot`` (mean), and ``contrastive`` when enabled.
     """
 
@@ -107,19 +108,19 @@ class DistillationLoss:
             ent = gaussian_entropy(log_s_q)
             kl_t = gaussian_kl(mu, log_s_q, mu_p, log_s_p) + cfg.clarinet_reg * (log_s_p - log_s_q) ** 2
             ce = kl_t + ent
-        kl_t = kl_t.clamp(cfg.kl_clip_min, cfg.kl_clip_max)
-        return kl_t.mean(), ce.mean(), ent.mean()
+        kl_raw = kl_t.mean()
+        return kl_t.clamp(cfg.kl_clip_min, cfg.kl_clip_max).mean(), kl_raw, ce.mean(), ent.mean()
 
     def __call__(self, z, audio, mel, context: int, generator: torch.Generator | None = None):
         cfg = self.cfg
         x, mu, log_s = self.student(z, mel, context)
-        kl, ce, ent = self.kl_terms(x, mu, log_s, mel, context, generator)
+        kl, kl_raw, ce, ent = self.kl_terms(x, mu, log_s, mel, context, generator)
         stft = stft_loss(x, audio, cfg.stft_fft_sizes, cfg.stft_hop_sizes, cfg.stft_win_sizes)
         total = cfg.kl_weight * kl + cfg.stft_weight * stft
-        terms = {"kl": kl.item(), "cross_entropy": ce.item(), "entropy": ent.item(), "stft": stft.item(),
+        terms = {"kl": kl_raw.item(), "kl_clipped": kl.item(), "cross_entropy": ce.item(), "entropy": ent.item(), "stft": stft.item(),
                  "log_s_tot": upcast(log_s).mean().item()}
         if cfg.contrastive_weight > 0 and mel.shape[0] > 1:
-            kl_wrong, _, _ = self.kl_terms(x, mu, log_s, mel.roll(1, dims=0), context, generator)
+            kl_wrong, _, _, _ = self.kl_terms(x, mu, log_s, mel.roll(1, dims=0), context, generator)
             total = total - cfg.contrastive_weight * kl_wrong
             terms["contrastive"] = kl_wrong.item()
         terms["total"] = total.item()

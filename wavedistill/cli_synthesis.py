@@ -1,0 +1,5 @@
+"""CLI entries for synthesize, eval and bench."""
+
+
+def register(sub) -> None:
+    pass
