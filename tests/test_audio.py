@@ -10,7 +10,8 @@ import soundfile as sf
 import torch
 
 from conftest import speech_like
-from wavedistill.audio import AudioError, MelExtractor, load_audio, quantize_16bit, trim_silence, write_wav
+from wavedistill.audio import AudioError, MelExtractor, load_audio, trim_silence, write_wav
+from wavedistill.distributions import quantize as quantize_16bit
 from wavedistill.config import FeatureConfig
 
 

@@ -128,6 +128,8 @@ def exact_log_mass(kind: str, x: float, mu: float, s: float) -> float:
             cdf = lambda v: 1 / (1 + mpmath.exp(-v))  # noqa: E731
         else:
             cdf = lambda v: mpmath.ncdf(v)  # noqa: E731
+        if a + b > 0:  # right of the mean: use the upper tail, where the difference is representable
+            a, b = -b, -a
         return float(mpmath.log(cdf(a) - cdf(b)))
 
 

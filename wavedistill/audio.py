@@ -123,13 +123,3 @@ def write_wav(path: str | Path, audio, sample_rate: int) -> None:
     buf = io.BytesIO()
     sf.write(buf, pcm, int(sample_rate), format="WAV", subtype="PCM_16")
     atomic_write_bytes(path, buf.getvalue())
-
-
-def quantize_16bit(x: torch.Tensor) -> torch.Tensor:
-    """Snap audio onto the 65536-point grid ``-1 + 2 i / 65535`` (clamped to [-1, 1]).
-
-    Computed in float64 and rounded once to ``x.dtype``, so each grid point is
-    the nearest representable value and quantising twice changes nothing.
-    """
-    i = torch.clamp(torch.round((x.double() + 1.0) * (65535 / 2)), 0, 65535)
-    return (i * (2 / 65535) - 1.0).to(x.dtype)

@@ -166,6 +166,10 @@ def make_distribution(kind: str, mixtures: int, log_scale_min: float):
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
-    """Snap audio in [-1, 1] onto the 16-bit code grid ``-1 + 2i/65535``."""
-    i = torch.round((x.clamp(-1.0, 1.0) + 1.0) * ((N_CODES - 1) / 2.0))
-    return i * (2.0 / (N_CODES - 1)) - 1.0
+    """Snap audio onto the 16-bit code grid ``-1 + 2i/65535`` (clamped to [-1, 1]).
+
+    Computed in float64 and rounded once to ``x.dtype``, so every grid point is
+    the nearest representable value and quantising twice changes nothing.
+    """
+    i = torch.clamp(torch.round((x.double() + 1.0) * ((N_CODES - 1) / 2.0)), 0, N_CODES - 1)
+    return (i * (2.0 / (N_CODES - 1)) - 1.0).to(x.dtype)

@@ -1,0 +1,385 @@
+// Fast CPU autoregressive generation for the wavedistill WaveNet teacher.
+//
+// A plain C ABI (loaded with ctypes) so that the build needs no torch or
+// pybind11 headers and compiles in about a second.  The Python side
+// (wavedistill/fastgen.py) packs the linearised weights of
+// wavedistill.generation.CachedGenerator into one float32 buffer, computes the
+// conditioning projections for a block of steps with one matrix product, and
+// turns the uniform noise into Gumbel / logistic / normal variates with the
+// very torch operations that DiscretizedMixtureOfLogistics.sample and
+// DiscretizedGaussian.sample use.  This file runs the per-step maths of
+// CachedGenerator.step (ring-buffer taps, gate matvec + conditioning,
+// tanh·sigmoid, residual/skip matvec, head) and the parameter-dependent part
+// of the sampling (argmax, exp of the log-scale, clamps) for T steps.
+//
+// Layout conventions (all float32; "padded" sizes are multiples of 16 floats,
+// padding entries of weights and biases are zero so padded lanes stay zero):
+//   gate weights  Wg [k*Rp, 2*Hp]  row j*Rp + r multiplies tap j, channel r;
+//                                  columns [0, Hp) the tanh half, [Hp, 2Hp) the sigmoid half
+//   out weights   Wo [Hp, Rp+Sp]   columns [0, Rp) residual (already × sqrt(1/2)), [Rp, Rp+Sp) skip
+//   head          h1w [Sp, Sp], h2w [Sp, Pp]
+//   ring buffers  exactly GenerationCache.buffers: layer l is [(k-1)·d_l, B, R], unpadded.
+//   conditioning  [Tb, L, B, G] (CachedGenerator.cond_block), unpadded.
+//   noise         [Tb, B, NN] already transformed (MoL: K Gumbel variates then
+//                 log(u) - log1p(-u); Gaussian: ndtri(u)).
+//
+// No -ffast-math: tanh/sigmoid use an exp with ~1 ulp error (Cephes
+// polynomials), so the results match torch's to float32 rounding.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include <sched.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define FG_PAUSE() _mm_pause()
+#else
+#define FG_PAUSE() \
+  do {             \
+  } while (0)
+#endif
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+#elif defined(__AVX__)
+constexpr int VW = 8;
+#else
+constexpr int VW = 4;
+#endif
+constexpr int PAD = 16;  // padding granularity used by the Python packer; a multiple of VW
+static_assert(PAD % VW == 0, "PAD must be a multiple of the vector width");
+
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+
+inline vf ld(const float* p) {
+  vf v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void st(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+inline vf bc(float x) {
+  vf v = {};
+  return v + x;
+}
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+
+// exp(x), Cephes expf: x = n·ln2 + r, polynomial in r, scale by 2^n.  ~1 ulp.
+inline vf v_exp(vf x) {
+  x = vmin(vmax(x, bc(-87.0f)), bc(88.0f));
+  const vf magic = bc(12582912.0f);  // 1.5·2^23: adding it rounds to an integer
+  vf t = x * 1.44269504088896341f + magic;
+  vf n = t - magic;
+  vi ni = (vi)t - (vi)magic;  // the integer n itself
+  x = x - n * 0.693359375f;
+  x = x - n * -2.12194440e-4f;
+  vf z = x * x;
+  vf p = bc(1.9875691500E-4f);
+  p = p * x + 1.3981999507E-3f;
+  p = p * x + 8.3334519073E-3f;
+  p = p * x + 4.1665795894E-2f;
+  p = p * x + 1.6666665459E-1f;
+  p = p * x + 5.0000001201E-1f;
+  p = p * z + x + 1.0f;
+  vi e = (ni + 127) << 23;
+  return p * (vf)e;
+}
+
+// tanh(x), Cephes tanhf: odd polynomial for |x| < 0.625, else 1 - 2/(e^{2|x|}+1).
+inline vf v_tanh(vf x) {
+  const vi signmask = (vi)bc(-0.0f);
+  vf ax = (vf)((vi)x & ~signmask);
+  vf s = x * x;
+  vf p = bc(-5.70498872745E-3f);
+  p = p * s + 2.06390887954E-2f;
+  p = p * s - 5.37397155531E-2f;
+  p = p * s + 1.33314422036E-1f;
+  p = p * s - 3.33332819422E-1f;
+  p = p * s * x + x;
+  vf e = v_exp(vmin(ax + ax, bc(88.0f)));
+  vf l = 1.0f - 2.0f / (e + 1.0f);
+  l = (vf)(((vi)l & ~signmask) | ((vi)x & signmask));
+  return ax < 0.625f ? p : l;
+}
+
+// sigmoid as torch's CPU kernel writes it: 1 / (1 + exp(-x)).
+inline vf v_sigmoid(vf x) { return 1.0f / (1.0f + v_exp(-x)); }
+
+// y[b, 0:NV·VW] = bias + Σ_i x[b, i] · W[i, 0:NV·VW] for NB batch rows.
+template <int NB, int NV>
+inline void mv_tile(const float* __restrict W, int64_t ldw, int64_t nin, const float* __restrict x, int64_t ldx,
+                    const float* __restrict bias, float* __restrict y, int64_t ldy) {
+  vf acc[NB][NV];
+  for (int v = 0; v < NV; ++v) {
+    vf b0 = bias ? ld(bias + v * VW) : bc(0.0f);
+    for (int b = 0; b < NB; ++b) acc[b][v] = b0;
+  }
+  for (int64_t i = 0; i < nin; ++i) {
+    const float* w = W + i * ldw;
+    vf wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = ld(w + v * VW);
+    for (int b = 0; b < NB; ++b) {
+      vf xb = bc(x[b * ldx + i]);
+      for (int v = 0; v < NV; ++v) acc[b][v] += xb * wv[v];
+    }
+  }
+  for (int b = 0; b < NB; ++b)
+    for (int v = 0; v < NV; ++v) st(y + b * ldy + v * VW, acc[b][v]);
+}
+
+template <int NB>
+inline void mv_rows(const float* W, int64_t ldw, int64_t nin, int64_t nout, const float* x, int64_t ldx,
+                    const float* bias, float* y, int64_t ldy) {
+  // Accumulator tiles sized to the register file (32 zmm with AVX-512, 16 ymm otherwise).
+  constexpr int MAXV = VW == 16 ? (NB >= 4 ? 4 : 8) : (NB == 1 ? 8 : (NB == 2 ? 4 : 2));
+  int64_t j = 0;
+  auto tile = [&](auto nv_tag) {
+    constexpr int NV = decltype(nv_tag)::value;
+    while (nout - j >= NV * VW) {
+      mv_tile<NB, NV>(W + j, ldw, nin, x, ldx, bias ? bias + j : nullptr, y + j, ldy);
+      j += NV * VW;
+    }
+  };
+  tile(std::integral_constant<int, MAXV>{});
+  if constexpr (MAXV > 4) tile(std::integral_constant<int, 4>{});
+  if constexpr (MAXV > 2) tile(std::integral_constant<int, 2>{});
+  if constexpr (MAXV > 1) tile(std::integral_constant<int, 1>{});
+}
+
+// y[b, 0:nout] = bias + x[b, 0:nin] @ W[0:nin, 0:nout] for b < nb; nout a multiple of VW.
+void matvec(const float* W, int64_t ldw, int64_t nin, int64_t nout, const float* x, int64_t ldx, int64_t nb,
+            const float* bias, float* y, int64_t ldy) {
+  if (nout <= 0) return;
+  int64_t b = 0;
+  for (; nb - b >= 4; b += 4) mv_rows<4>(W, ldw, nin, nout, x + b * ldx, ldx, bias, y + b * ldy, ldy);
+  for (; nb - b >= 2; b += 2) mv_rows<2>(W, ldw, nin, nout, x + b * ldx, ldx, bias, y + b * ldy, ldy);
+  for (; b < nb; ++b) mv_rows<1>(W, ldw, nin, nout, x + b * ldx, ldx, bias, y + b * ldy, ldy);
+}
+
+// Sense-counting barrier for two (or a few) threads: spin briefly, then yield
+// (the machine may be shared, and a descheduled partner must not cost a whole
+// time slice of spinning).
+struct Barrier {
+  alignas(64) std::atomic<int> count{0};
+  alignas(64) std::atomic<int> gen{0};
+  int n = 1;
+  void wait() {
+    int g = gen.load(std::memory_order_acquire);
+    if (count.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
+      count.store(0, std::memory_order_relaxed);
+      gen.store(g + 1, std::memory_order_release);
+      return;
+    }
+    int spins = 0;
+    while (gen.load(std::memory_order_acquire) == g) {
+      if (++spins < 4000) {
+        FG_PAUSE();
+      } else {
+        sched_yield();
+      }
+    }
+  }
+};
+
+// Integer configuration, in the order fastgen.py writes it.
+enum Cfg {
+  C_L, C_K, C_R, C_RP, C_G, C_H, C_HP, C_S, C_SP, C_P, C_PP, C_DIST, C_MIX, C_NN,
+  C_OFF_WIN, C_OFF_BIN, C_OFF_H1W, C_OFF_H1B, C_OFF_H2W, C_OFF_H2B,
+  C_FIXED  // then per layer: dilation, offset Wg, offset bg, offset Wo, offset bo
+};
+constexpr int PER_LAYER = 5;
+
+struct Ctx {
+  const float* wts;
+  const int64_t* cfg;
+  float** bufs;
+  int64_t B, Tb, t0;
+  const float* cond;    // [Tb, L, B, G]
+  const float* noise;   // [Tb, B, NN]
+  float* x_prev;        // [B]
+  float* out;           // out[b*osb + t*ost]
+  int64_t osb, ost;
+  float temperature, log_scale_min, skip_scale, sqrt_half;
+  float* params_out;    // [Tb, B, P] or null
+  float* opart;         // [nthreads, 2, B, Rp+Sp] partial residual/skip outputs
+  int nthreads;
+  Barrier* bar;
+};
+
+void sample_step(const Ctx& c, int64_t tl, const float* params, int64_t Pp) {
+  const int64_t* cfg = c.cfg;
+  const int64_t B = c.B, K = cfg[C_MIX], NN = cfg[C_NN], P = cfg[C_P];
+  const bool mol = cfg[C_DIST] == 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* pr = params + b * Pp;
+    const float* nz = c.noise + (tl * B + b) * NN;
+    float x;
+    if (mol) {
+      // argmax(logits + gumbel): first maximum, as torch.argmax.
+      int64_t best = 0;
+      float bv = pr[0] + nz[0];
+      for (int64_t k = 1; k < K; ++k) {
+        float v = pr[k] + nz[k];
+        if (v > bv) {
+          bv = v;
+          best = k;
+        }
+      }
+      float m = pr[K + best];
+      float ls = std::max(pr[2 * K + best], c.log_scale_min);
+      float scale = std::exp(ls) * c.temperature;
+      x = m + scale * nz[K];
+    } else {
+      float ls = std::max(pr[1], c.log_scale_min);
+      float scale = std::exp(ls) * c.temperature;
+      x = pr[0] + scale * nz[0];
+    }
+    x = std::min(std::max(x, -1.0f), 1.0f);
+    c.x_prev[b] = x;
+    c.out[b * c.osb + (tl)*c.ost] = x;
+    if (c.params_out) std::memcpy(c.params_out + (tl * B + b) * P, pr, sizeof(float) * P);
+  }
+}
+
+void worker(const Ctx& c, int p) {
+  const int64_t* cfg = c.cfg;
+  const int64_t L = cfg[C_L], k = cfg[C_K], R = cfg[C_R], Rp = cfg[C_RP], G = cfg[C_G], H = cfg[C_H],
+                Hp = cfg[C_HP], Sp = cfg[C_SP], Pp = cfg[C_PP];
+  const int64_t Gp = 2 * Hp, kRp = k * Rp, RSp = Rp + Sp, B = c.B;
+  const float* w = c.wts;
+  const int np = c.nthreads;
+  const bool lead = p == 0;
+
+  // This thread's share of the gated channels (whole vectors).
+  const int64_t nhv = Hp / VW;
+  const int64_t j0 = (nhv * p) / np * VW, j1 = (nhv * (p + 1)) / np * VW, nj = j1 - j0;
+
+  std::vector<float> xin(B * kRp, 0.0f), g(B * Gp, 0.0f), z(B * Hp, 0.0f), h(B * Rp, 0.0f), osum(B * RSp, 0.0f),
+      skip(B * Sp, 0.0f), s0(B * Sp, 0.0f), s1(B * Sp, 0.0f), params(B * Pp, 0.0f);
+  const float* w_in = w + cfg[C_OFF_WIN];
+  const float* b_in = w + cfg[C_OFF_BIN];
+  const float c_half = c.sqrt_half;
+
+  for (int64_t tl = 0; tl < c.Tb; ++tl) {
+    const int64_t t = c.t0 + tl;
+    for (int64_t b = 0; b < B; ++b) {
+      const vf xp = bc(c.x_prev[b]);
+      for (int64_t v = 0; v < Rp; v += VW) st(&h[b * Rp + v], xp * ld(w_in + v) + ld(b_in + v));
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      const int64_t* lc = cfg + C_FIXED + PER_LAYER * l;
+      const int64_t d = lc[0], m = (k - 1) * d;
+      const float* Wg = w + lc[1];
+      const float* bg = w + lc[2];
+      const float* Wo = w + lc[3];
+      const float* bo = w + lc[4];
+      float* buf = c.bufs[l];
+      // Gate input: taps from the ring buffer (oldest first), then the current h.
+      for (int64_t b = 0; b < B; ++b) {
+        float* xb = &xin[b * kRp];
+        for (int64_t j = 0; j < k - 1; ++j) {
+          int64_t slot = ((t - (k - 1 - j) * d) % m + m) % m;
+          std::memcpy(xb + j * Rp, buf + (slot * B + b) * R, sizeof(float) * R);
+        }
+        std::memcpy(xb + (k - 1) * Rp, &h[b * Rp], sizeof(float) * Rp);
+      }
+      if (nj > 0) {
+        matvec(Wg + j0, Gp, kRp, nj, xin.data(), kRp, B, bg + j0, &g[j0], Gp);
+        matvec(Wg + Hp + j0, Gp, kRp, nj, xin.data(), kRp, B, bg + Hp + j0, &g[Hp + j0], Gp);
+        const float* cl = c.cond + ((tl * L + l) * B) * G;
+        const int64_t jc = std::min(j1, H);
+        for (int64_t b = 0; b < B; ++b) {
+          const float* cb = cl + b * G;
+          float* gb = &g[b * Gp];
+          for (int64_t j = j0; j < jc; ++j) {
+            gb[j] += cb[j];
+            gb[Hp + j] += cb[H + j];
+          }
+          for (int64_t j = j0; j < j1; j += VW) st(&z[b * Hp + j], v_tanh(ld(gb + j)) * v_sigmoid(ld(gb + Hp + j)));
+        }
+      }
+      // Residual/skip outputs from this thread's channels (the lead thread adds the bias).
+      float* op = c.opart + ((int64_t)(p * 2 + (l & 1)) * B) * RSp;
+      matvec(Wo + j0 * RSp, RSp, nj, RSp, &z[j0], Hp, B, lead ? bo : nullptr, op, RSp);
+      const float* o = op;
+      if (np > 1) {
+        c.bar->wait();
+        o = osum.data();
+        for (int64_t i = 0; i < B * RSp; i += VW) {
+          vf acc = ld(c.opart + ((int64_t)(0 * 2 + (l & 1)) * B) * RSp + i);
+          for (int q = 1; q < np; ++q) acc += ld(c.opart + ((int64_t)(q * 2 + (l & 1)) * B) * RSp + i);
+          st(&osum[i], acc);
+        }
+      }
+      if (lead)
+        for (int64_t b = 0; b < B; ++b) std::memcpy(buf + ((t % m) * B + b) * R, &h[b * Rp], sizeof(float) * R);
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t v = 0; v < Rp; v += VW) st(&h[b * Rp + v], ld(&h[b * Rp + v]) * c_half + ld(o + b * RSp + v));
+        if (lead) {
+          for (int64_t v = 0; v < Sp; v += VW) {
+            vf ov = ld(o + b * RSp + Rp + v);
+            st(&skip[b * Sp + v], l == 0 ? ov : ld(&skip[b * Sp + v]) + ov);
+          }
+        }
+      }
+    }
+    if (lead) {
+      const vf zero = bc(0.0f);
+      for (int64_t i = 0; i < B * Sp; i += VW) st(&s0[i], vmax(ld(&skip[i]) * c.skip_scale, zero));
+      matvec(w + cfg[C_OFF_H1W], Sp, Sp, Sp, s0.data(), Sp, B, w + cfg[C_OFF_H1B], s1.data(), Sp);
+      for (int64_t i = 0; i < B * Sp; i += VW) st(&s1[i], vmax(ld(&s1[i]), zero));
+      matvec(w + cfg[C_OFF_H2W], Pp, Sp, Pp, s1.data(), Sp, B, w + cfg[C_OFF_H2B], params.data(), Pp);
+      sample_step(c, tl, params.data(), Pp);
+    }
+    if (np > 1) c.bar->wait();  // the next step needs x_prev
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int fg_abi_version() { return 1; }
+int fg_vector_width() { return VW; }
+
+// Runs Tb steps starting at absolute step t0.  Returns 0, or a negative code
+// for an invalid configuration.  bufs: int64 addresses of the L ring buffers.
+int fg_run(const float* wts, const int64_t* cfg, const int64_t* bufs, int64_t B, int64_t Tb, int64_t t0,
+           const float* cond, const float* noise, float* x_prev, float* out, int64_t osb, int64_t ost,
+           float temperature, float log_scale_min, float skip_scale, float sqrt_half, int64_t threads,
+           float* params_out) {
+  const int64_t L = cfg[C_L], k = cfg[C_K];
+  if (cfg[C_RP] % VW || cfg[C_HP] % VW || cfg[C_SP] % VW || cfg[C_PP] % VW) return -1;
+  if (k < 2 || L < 1 || B < 1) return -2;
+  if (cfg[C_DIST] == 0 && cfg[C_NN] != cfg[C_MIX] + 1) return -3;
+  const int64_t nhv = cfg[C_HP] / VW;
+  int np = (int)std::max<int64_t>(1, std::min<int64_t>(threads, nhv));
+  std::vector<float*> bp(L);
+  for (int64_t l = 0; l < L; ++l) bp[l] = reinterpret_cast<float*>(static_cast<intptr_t>(bufs[l]));
+  const int64_t RSp = cfg[C_RP] + cfg[C_SP];
+  std::vector<float> opart((size_t)np * 2 * B * RSp, 0.0f);
+  Barrier bar;
+  bar.n = np;
+  Ctx c{wts, cfg, bp.data(), B, Tb, t0, cond, noise, x_prev, out, osb, ost, temperature, log_scale_min,
+        skip_scale, sqrt_half, params_out, opart.data(), np, &bar};
+  if (np == 1) {
+    worker(c, 0);
+    return 0;
+  }
+  std::vector<std::thread> team;
+  for (int p = 1; p < np; ++p) team.emplace_back(worker, std::cref(c), p);
+  worker(c, 0);
+  for (auto& th : team) th.join();
+  return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,307 @@
+"""Fast CPU autoregressive generation for the WaveNet teacher (a compiled step loop).
+
+:class:`FastCachedGenerator` computes exactly what
+:class:`~wavedistill.generation.CachedGenerator` computes — the same linearised
+weights, the same ring-buffer caches (it uses and returns
+:class:`~wavedistill.generation.GenerationCache` objects, so a cache can be
+handed from one generator to the other), the same per-step maths and the same
+sampling from explicit uniform noise — but runs the loop over time steps and
+layers in C++ (``wavedistill/csrc/fastgen.cpp``), so it is bound by arithmetic
+instead of Python overhead.
+
+What stays in PyTorch, per block of :attr:`FastCachedGenerator.block` steps:
+
+* the conditioning projections of all layers (``CachedGenerator.cond_block``:
+  one matrix product);
+* the parameter-free half of the sampling: Gumbel variates
+  ``-log(-log(u))``, the logistic quantile ``log(u) - log1p(-u)`` and, for the
+  Gaussian teacher, ``ndtri(u)``, with the clamps of
+  :mod:`wavedistill.distributions`.
+
+The extension is compiled on first use with :func:`torch.utils.cpp_extension.load`
+(``-O3 -march=native``, no fast-math) into a per-CPU build directory outside
+the source tree: ``$WAVEDISTILL_EXTENSIONS_DIR``, else
+``$TORCH_EXTENSIONS_DIR/wavedistill``, else ``~/.cache/wavedistill/torch_extensions``.
+Concurrent builds are serialised by torch's file lock.  It has a plain C ABI
+(called through :mod:`ctypes`, which releases the GIL), so the build needs no
+torch headers and takes about a second.  Set ``WAVEDISTILL_NO_FASTGEN=1`` to
+disable it.  :func:`available` says whether it can be used; when it cannot,
+:func:`build_error` says why and :class:`FastCachedGenerator` raises
+:class:`FastGenUnavailable`.
+
+Only float32 teachers on the CPU are supported (the Python generator remains
+the path for other devices and dtypes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+from .generation import CachedGenerator, GenerationCache
+from .layers import SQRT_HALF
+
+__all__ = ["FastCachedGenerator", "FastGenUnavailable", "available", "build_error", "library_path"]
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "fastgen.cpp"
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
+_LDFLAGS = ["-pthread"]
+_PAD = 16  # floats; must equal PAD in fastgen.cpp
+_ABI = 1
+
+_lock = threading.Lock()
+_lib = None
+_lib_path: str | None = None
+_error: str | None = None
+
+
+class FastGenUnavailable(RuntimeError):
+    """The compiled generator cannot be built or loaded here (see :func:`build_error`)."""
+
+
+def _cpu_tag() -> str:
+    """Short hash of what ``-march=native`` depends on, so builds for different CPUs never mix."""
+    text = platform.machine() + platform.system()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("flags", "Features", "model name", "cpu family", "model", "CPU part", "CPU implementer"):
+                    text += line
+                if not line.strip() and text:
+                    break  # the first processor is enough
+    except OSError:
+        text += platform.processor()
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _build_root() -> Path:
+    if os.environ.get("WAVEDISTILL_EXTENSIONS_DIR"):
+        return Path(os.environ["WAVEDISTILL_EXTENSIONS_DIR"])
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "wavedistill"
+    return Path.home() / ".cache" / "wavedistill" / "torch_extensions"
+
+
+def _load(verbose: bool = False):
+    """Build (once per CPU kind and source version) and load the library; cache the outcome."""
+    global _lib, _lib_path, _error
+    with _lock:
+        if _lib is not None or _error is not None:
+            return _lib
+        try:
+            if os.environ.get("WAVEDISTILL_NO_FASTGEN", "") not in ("", "0"):
+                raise FastGenUnavailable("disabled by WAVEDISTILL_NO_FASTGEN")
+            if not _SOURCE.is_file():
+                raise FastGenUnavailable(f"source {_SOURCE} is missing (package installed without csrc/)")
+            from torch.utils import cpp_extension
+
+            name = f"wavedistill_fastgen_{_cpu_tag()}"
+            build_dir = _build_root() / name
+            build_dir.mkdir(parents=True, exist_ok=True)
+            path = cpp_extension.load(
+                name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
+                build_directory=str(build_dir), is_python_module=False, with_cuda=False, verbose=verbose,
+            )
+            lib = ctypes.CDLL(str(path))
+            if lib.fg_abi_version() != _ABI:
+                raise FastGenUnavailable(f"{path} has ABI {lib.fg_abi_version()}, expected {_ABI}")
+            if _PAD % lib.fg_vector_width():
+                raise FastGenUnavailable(f"vector width {lib.fg_vector_width()} does not divide {_PAD}")
+            p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+            lib.fg_run.restype = ctypes.c_int
+            lib.fg_run.argtypes = [p, p, p, i64, i64, i64, p, p, p, p, i64, i64, f32, f32, f32, f32, i64, p]
+            _lib, _lib_path = lib, str(path)
+        except Exception as e:  # no compiler, no ninja, read-only cache, ...: report, never crash the caller
+            _error = f"{type(e).__name__}: {e}".strip()
+        return _lib
+
+
+def available() -> bool:
+    """True if the compiled generator builds and loads here (builds it on first call)."""
+    return _load() is not None
+
+
+def build_error() -> str | None:
+    """Why :func:`available` is False (``None`` when it is True or was not checked yet)."""
+    _load()
+    return _error
+
+
+def library_path() -> str | None:
+    """Path of the loaded shared library (``None`` if unavailable)."""
+    _load()
+    return _lib_path
+
+
+def _pad(n: int) -> int:
+    return (n + _PAD - 1) // _PAD * _PAD
+
+
+class FastCachedGenerator:
+    """Drop-in for :class:`~wavedistill.generation.CachedGenerator` with the step loop compiled.
+
+    ``threads``: threads that share each step's gated channels.  One is the
+    default: at demo size a step is ~1 MFLOP and a barrier per layer costs
+    more than the second core gains (see ``benchmarks/cpu_generation.py``).
+    """
+
+    block = 1024  # samples per conditioning-projection block (and per C++ call)
+
+    def __init__(self, teacher, threads: int = 1):
+        self._lib = _load()
+        if self._lib is None:
+            raise FastGenUnavailable(f"fast CPU generation is unavailable: {_error}")
+        self.ref = ref = CachedGenerator(teacher)
+        if ref.device.type != "cpu" or ref.dtype != torch.float32:
+            raise ValueError(f"FastCachedGenerator needs a float32 teacher on the CPU, got {ref.dtype} on {ref.device}")
+        if type(ref.dist).__name__ == "DiscretizedMixtureOfLogistics":
+            self.kind, self.mixtures, self.n_noise = 0, ref.dist.k, ref.dist.k + 1
+        elif type(ref.dist).__name__ == "DiscretizedGaussian":
+            self.kind, self.mixtures, self.n_noise = 1, 1, 1
+        else:
+            raise ValueError(f"unsupported output distribution {type(ref.dist).__name__}")
+        self.dist = ref.dist
+        self.threads = max(1, int(threads))
+        self._pack()
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def _pack(self) -> None:
+        ref = self.ref
+        k, L = ref.k, len(ref.layers)
+        R, G = ref.res_channels, ref.gate
+        H = G // 2
+        S = ref.layers[0][2].shape[1] - R
+        P = ref.h2w.shape[1]
+        Rp, Hp, Sp, Pp = _pad(R), _pad(H), _pad(S), _pad(P)
+        chunks: list[torch.Tensor] = []
+        size = 0
+
+        def put(t: torch.Tensor) -> int:
+            nonlocal size
+            off = size
+            flat = t.detach().to(torch.float32).reshape(-1)
+            chunks.append(flat)
+            size += flat.numel()
+            extra = (-size) % _PAD
+            if extra:
+                chunks.append(flat.new_zeros(extra))
+                size += extra
+            return off
+
+        def vec(v: torch.Tensor, n: int) -> torch.Tensor:
+            out = torch.zeros(n)
+            out[: v.numel()] = v
+            return out
+
+        def gate_cols(m: torch.Tensor) -> torch.Tensor:
+            """``[..., G]`` → ``[..., 2·Hp]`` with the tanh and sigmoid halves padded separately."""
+            out = m.new_zeros(*m.shape[:-1], 2 * Hp)
+            out[..., :H] = m[..., :H]
+            out[..., Hp : Hp + H] = m[..., H:]
+            return out
+
+        cfg = [L, k, R, Rp, G, H, Hp, S, Sp, P, Pp, self.kind, self.mixtures, self.n_noise]
+        off_in, off_bin = put(vec(ref.w_in, Rp)), put(vec(ref.b_in, Rp))
+        h1w = torch.zeros(Sp, Sp)
+        h1w[:S, :S] = ref.h1w
+        h2w = torch.zeros(Sp, Pp)
+        h2w[:S, :P] = ref.h2w
+        heads = [put(h1w), put(vec(ref.h1b, Sp)), put(h2w), put(vec(ref.h2b, Pp))]
+        cfg += [off_in, off_bin] + heads
+        for d, (w_taps, b_conv, w_out, b_out) in zip(ref.dilations, ref.layers):
+            wg = torch.zeros(k, Rp, G)
+            wg[:, :R] = w_taps.reshape(k, R, G)
+            wg = gate_cols(wg.reshape(k * Rp, G))
+            wo = torch.zeros(Hp, Rp + Sp)
+            wo[:H, :R] = w_out[:, :R]
+            wo[:H, Rp : Rp + S] = w_out[:, R:]
+            bo = torch.zeros(Rp + Sp)
+            bo[:R], bo[Rp : Rp + S] = b_out[:R], b_out[R:]
+            cfg += [d, put(wg), put(gate_cols(b_conv)), put(wo), put(bo)]
+        self.weights = torch.cat(chunks).contiguous()
+        self.cfg = torch.tensor(cfg, dtype=torch.int64)
+        self.dims = dict(L=L, k=k, R=R, G=G, S=S, P=P)
+        self.skip_scale = ref.skip_scale
+
+    # ------------------------------------------------------------------ API (as CachedGenerator)
+    def new_cache(self, batch: int) -> GenerationCache:
+        return self.ref.new_cache(batch)
+
+    def cond_block(self, c: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return self.ref.cond_block(c, start, stop)
+
+    def transform_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """Uniform noise ``[B, n_noise, T]`` → the variates the sampler consumes, ``[T, B, n_noise]``.
+
+        The same operations and clamps as ``dist.sample``, applied to a whole block at once.
+        """
+        noise = noise.to(torch.float32)
+        if self.kind == 0:
+            K = self.mixtures
+            u_mix = noise[:, :K].clamp(1e-10, 1.0 - 1e-7)
+            gumbel = -torch.log(-torch.log(u_mix))
+            u = noise[:, K].clamp(1e-5, 1.0 - 1e-5)
+            logistic = torch.log(u) - torch.log1p(-u)
+            out = torch.cat([gumbel, logistic[:, None]], dim=1)
+        else:
+            u = noise[:, 0].clamp(1e-6, 1.0 - 1e-6)
+            out = torch.special.ndtri(u)[:, None]
+        return out.permute(2, 0, 1).contiguous()
+
+    @torch.no_grad()
+    def run(self, c: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0, cache: GenerationCache | None = None,
+            progress=None, return_params: bool = False):
+        """Same contract as :meth:`CachedGenerator.run`: conditioning ``c [B, C, T]`` and uniform
+        ``noise [B, n_noise, T]`` → samples ``[B, T]``.
+
+        With ``return_params=True`` also returns the distribution parameters of every step
+        ``[B, P, T]`` (what ``CachedGenerator.step`` returned), for testing.
+        """
+        B, _, T = c.shape
+        if c.device.type != "cpu":
+            raise ValueError("FastCachedGenerator runs on the CPU; move c to the CPU")
+        if noise.shape[0] != B or noise.shape[1] < self.n_noise or noise.shape[2] < T:
+            raise ValueError(f"noise must be [B={B}, {self.n_noise}, >={T}], got {tuple(noise.shape)}")
+        cache = cache or self.new_cache(B)
+        ptrs = []
+        for buf, m in zip(cache.buffers, self.ref.sizes):
+            if buf.shape != (m, B, self.dims["R"]) or buf.dtype != torch.float32 or not buf.is_contiguous() or buf.device.type != "cpu":
+                raise ValueError("cache does not match this generator and batch size")
+            ptrs.append(buf.data_ptr())
+        bufs = torch.tensor(ptrs, dtype=torch.int64)
+        out = torch.zeros(B, T, dtype=torch.float32)
+        x_prev = torch.zeros(B, dtype=torch.float32)
+        params = torch.zeros(T, B, self.dims["P"], dtype=torch.float32) if return_params else None
+        for start in range(0, T, self.block):
+            stop = min(T, start + self.block)
+            cb = self.cond_block(c, start, stop).to(torch.float32).contiguous()
+            nz = self.transform_noise(noise[:, : self.n_noise, start:stop])
+            rc = self._lib.fg_run(
+                self.weights.data_ptr(), self.cfg.data_ptr(), bufs.data_ptr(), B, stop - start, cache.t,
+                cb.data_ptr(), nz.data_ptr(), x_prev.data_ptr(), out[:, start:].data_ptr(), T, 1,
+                float(temperature), float(self.dist.log_scale_min), float(self.skip_scale), float(SQRT_HALF),
+                self.threads, params[start:].data_ptr() if params is not None else None,
+            )
+            if rc != 0:
+                raise RuntimeError(f"fastgen kernel rejected its configuration (code {rc})")
+            cache.t += stop - start
+            if progress is not None:
+                progress(stop - start)
+        out = out.to(c.dtype)
+        if return_params:
+            return out, params.permute(1, 2, 0)
+        return out
+
+
+def flops_per_sample(layers: int, kernel: int, residual: int, gate: int, skip: int, n_params: int) -> int:
+    """Multiply-adds × 2 of one cached step: gate, residual/skip and head matvecs."""
+    per_layer = 2 * kernel * residual * gate + 2 * (gate // 2) * (residual + skip)
+    return layers * per_layer + 2 * skip * skip + 2 * skip * n_params
