@@ -161,44 +161,61 @@ def test_tiny_bin_mass_is_exact(dtype):
 
 
 EDGE_AND_MIDDLE = [-1.0, -1.0 + 2.0 / 65535, 0.0, 0.5, 1.0 - 2.0 / 65535, 1.0]
+MEANS = [-1.5, -1.0, -0.9999, 0.0, 0.5, 0.9999, 1.0, 1.5]
+LOG_SCALES = [-20.0, -16.0, -9.0, -3.0, 0.0, 3.0]
 
 
-@pytest.mark.parametrize("log_scale", [-20.0, -16.0, -9.0, -3.0, 0.0, 3.0])
-@pytest.mark.parametrize("mean", [-1.5, -1.0, -0.9999, 0.0, 0.5, 0.9999, 1.0, 1.5])
-def test_mol_gradients_finite(mean, log_scale):
+def make_params(kind: str, mean: float, log_scale: float, T: int, dtype=F64) -> tuple:
+    if kind == "mol":
+        dist = DiscretizedMixtureOfLogistics(2, -16.0)
+        params = mol_params([[0.3, -0.2]], [[mean, -mean * 0.5]], [[log_scale, -5.0]], T)
+    else:
+        dist = DiscretizedGaussian(-16.0)
+        params = gauss_params([mean], [log_scale], T)
+    return dist, params.to(dtype).requires_grad_(True)
+
+
+@pytest.mark.parametrize("kind", ["mol", "gaussian"])
+@pytest.mark.parametrize("log_scale", LOG_SCALES)
+@pytest.mark.parametrize("mean", MEANS)
+def test_gradients_finite_float64(kind, mean, log_scale):
     x = quantize(torch.tensor([EDGE_AND_MIDDLE], dtype=F64))
     T = x.shape[1]
-    params = mol_params([[0.3, -0.2]], [[mean, -mean * 0.5]], [[log_scale, -5.0]], T).requires_grad_(True)
-    lp = DiscretizedMixtureOfLogistics(2, -16.0).log_prob_discrete(params, x)
-    assert torch.isfinite(lp).all()
-    for t in range(T):
-        (g,) = torch.autograd.grad(lp[0, t], params, retain_graph=True)
-        assert torch.isfinite(g).all(), f"non-finite gradient at x={x[0, t].item()}"
-    # the same in float32, as used in training
-    p32 = params.detach().float().requires_grad_(True)
-    lp32 = DiscretizedMixtureOfLogistics(2, -16.0).log_prob_discrete(p32, x.float())
-    lp32.sum().backward()
-    assert torch.isfinite(lp32).all()
-    assert torch.isfinite(p32.grad).all()
-
-
-@pytest.mark.parametrize("log_scale", [-20.0, -16.0, -9.0, -3.0, 0.0, 3.0])
-@pytest.mark.parametrize("mean", [-1.5, -1.0, -0.9999, 0.0, 0.5, 0.9999, 1.0, 1.5])
-def test_gaussian_gradients_finite(mean, log_scale):
-    x = quantize(torch.tensor([EDGE_AND_MIDDLE], dtype=F64))
-    T = x.shape[1]
-    params = gauss_params([mean], [log_scale], T).requires_grad_(True)
-    dist = DiscretizedGaussian(-16.0)
+    dist, params = make_params(kind, mean, log_scale, T)
     lp = dist.log_prob_discrete(params, x)
     assert torch.isfinite(lp).all()
     for t in range(T):
         (g,) = torch.autograd.grad(lp[0, t], params, retain_graph=True)
         assert torch.isfinite(g).all(), f"non-finite gradient at x={x[0, t].item()}"
-    p32 = params.detach().float().requires_grad_(True)
-    lp32 = dist.log_prob_discrete(p32, x.float())
-    lp32.sum().backward()
-    assert torch.isfinite(lp32).all()
-    assert torch.isfinite(p32.grad).all()
+
+
+@pytest.mark.parametrize("kind", ["mol", "gaussian"])
+@pytest.mark.parametrize("log_scale", [-16.0, -9.0])
+@pytest.mark.parametrize("mean", [-1.5, 0.0, 1.5])
+def test_gradients_finite_float32(kind, mean, log_scale):
+    """Training runs the density maths in float32; -16 is TeacherConfig's default log-scale floor."""
+    x = quantize(torch.tensor([EDGE_AND_MIDDLE], dtype=torch.float32))
+    dist, params = make_params(kind, mean, log_scale, x.shape[1], torch.float32)
+    lp = dist.log_prob_discrete(params, x)
+    lp.sum().backward()
+    assert torch.isfinite(lp).all()
+    assert torch.isfinite(params.grad).all(), params.grad
+
+
+@pytest.mark.parametrize("kind", ["mol", "gaussian"])
+def test_gradcheck_float64(kind):
+    g = torch.Generator().manual_seed(4)
+    x = quantize(torch.tensor([[-1.0, -0.5, 0.0, 0.02, 0.7, 1.0]], dtype=F64))
+    if kind == "mol":
+        dist = DiscretizedMixtureOfLogistics(2, -16.0)
+        params = torch.cat([torch.randn(1, 2, 6, generator=g, dtype=F64), torch.rand(1, 2, 6, generator=g, dtype=F64) * 2 - 1,
+                            torch.rand(1, 2, 6, generator=g, dtype=F64) - 4.0], dim=1)
+    else:
+        dist = DiscretizedGaussian(-16.0)
+        params = torch.cat([torch.rand(1, 1, 6, generator=g, dtype=F64) * 2 - 1, torch.rand(1, 1, 6, generator=g, dtype=F64) - 4.0], 1)
+    params.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda p: dist.log_prob_discrete(p, x), (params,))
+    assert torch.autograd.gradcheck(lambda p: dist.log_density(p, x), (params,))
 
 
 def test_log_scale_floor_is_applied():

@@ -74,7 +74,7 @@ class TeacherConfig:
     gate_channels: int = 128
     skip_channels: int = 64
     cond_channels: int = 64
-    upsample_scales: list[int] = field(default_factory=lambda: [4, 4, 5])
+    upsample_scales: list[int] = field(default_factory=list)  # [] = factor features.hop_length automatically
     n_speakers: int = 0
     speaker_channels: int = 16
     output: Literal["mol", "gaussian"] = "mol"
@@ -91,12 +91,7 @@ class TeacherConfig:
             raise UserError(f"teacher.gate_channels ({self.gate_channels}) must be even")
         if self.n_speakers < 0:
             raise UserError("teacher.n_speakers must be >= 0")
-        if any(s <= 0 for s in self.upsample_scales):
-            raise UserError(f"teacher.upsample_scales {self.upsample_scales} must all be positive")
-        if features is not None and math.prod(self.upsample_scales) != features.hop_length:
-            raise UserError(
-                f"the product of teacher.upsample_scales {self.upsample_scales} must equal features.hop_length ({features.hop_length})"
-            )
+        _check_scales(self, "teacher", features)
 
 
 @dataclass
@@ -109,7 +104,7 @@ class StudentConfig:
     residual_channels: int = 64
     gate_channels: int = 128
     cond_channels: int = 64
-    upsample_scales: list[int] = field(default_factory=lambda: [4, 4, 5])
+    upsample_scales: list[int] = field(default_factory=list)  # [] = factor features.hop_length automatically
     distribution: Literal["logistic", "gaussian"] = "logistic"
     log_scale_bound: float = 7.0
     init_log_scale: float = -3.0
@@ -127,10 +122,7 @@ class StudentConfig:
             raise UserError(f"student.kernel_size={self.kernel_size} is not supported; use 2 or 3")
         if self.gate_channels % 2:
             raise UserError(f"student.gate_channels ({self.gate_channels}) must be even")
-        if features is not None and math.prod(self.upsample_scales) != features.hop_length:
-            raise UserError(
-                f"the product of student.upsample_scales {self.upsample_scales} must equal features.hop_length ({features.hop_length})"
-            )
+        _check_scales(self, "student", features)
 
 
 @dataclass
@@ -246,6 +238,40 @@ _SECTION_OF = {
     TrainConfig: "train",
     DistillConfig: "distill",
 }
+
+
+def auto_upsample_scales(hop: int) -> list[int]:
+    """Factor ``hop`` into upsampling scales of at most 8 (e.g. 80 → [4, 4, 5], 256 → [4, 4, 4, 4])."""
+    primes, n, p = [], hop, 2
+    while n > 1:
+        while n % p == 0:
+            primes.append(p)
+            n //= p
+        p += 1
+    scales: list[int] = []
+    for q in sorted(primes, reverse=True):
+        for i, s in enumerate(sorted(scales)):
+            if s * q <= 8:
+                scales.remove(s)
+                scales.append(s * q)
+                break
+        else:
+            scales.append(q)
+    return sorted(scales) or [1]
+
+
+def _check_scales(section: Any, name: str, features: "FeatureConfig | None") -> None:
+    if any(s <= 0 for s in section.upsample_scales):
+        raise UserError(f"{name}.upsample_scales {section.upsample_scales} must all be positive")
+    if features is None:
+        return
+    if not section.upsample_scales:
+        section.upsample_scales = auto_upsample_scales(features.hop_length)
+    if math.prod(section.upsample_scales) != features.hop_length:
+        raise UserError(
+            f"the product of {name}.upsample_scales {section.upsample_scales} must equal features.hop_length "
+            f"({features.hop_length}); fix one of them or leave upsample_scales empty to derive it"
+        )
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:

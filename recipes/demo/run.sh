@@ -11,18 +11,21 @@
 #
 # Usage: recipes/demo/run.sh [--stage N] [--stop-stage N] [--wav-dir DIR] [--data DIR] [--exp DIR]
 #                            [--teacher-config YAML] [--student-config YAML] [--utterances N]
+#                            [--overrides "section.key=value ..."]   (passed to train-teacher and distill)
 # Every stage is idempotent: re-running resumes or redoes it without harm.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# Defaults may be preset by a wrapper recipe (recipes/ljspeech/run.sh) through the environment.
 
 stage=0
 stop_stage=100
-wav_dir=/usr/share/asterisk/sounds/en_US_f_Allison
-data=data/demo
-exp=exp/demo
-teacher_conf=recipes/demo/conf/teacher_quick.yaml
-student_conf=recipes/demo/conf/student_quick.yaml
+wav_dir=${RECIPE_WAV_DIR:-/usr/share/asterisk/sounds/en_US_f_Allison}
+data=${RECIPE_DATA:-data/demo}
+exp=${RECIPE_EXP:-exp/demo}
+teacher_conf=${RECIPE_TEACHER_CONF:-recipes/demo/conf/teacher_quick.yaml}
+student_conf=${RECIPE_STUDENT_CONF:-recipes/demo/conf/student_quick.yaml}
 utterances=4
+overrides=""
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -34,7 +37,8 @@ while [ $# -gt 0 ]; do
     --teacher-config) teacher_conf=$2; shift 2 ;;
     --student-config) student_conf=$2; shift 2 ;;
     --utterances) utterances=$2; shift 2 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --overrides) overrides=$2; shift 2 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -60,13 +64,13 @@ fi
 
 if run 2; then
   say 2 "train teacher -> $exp/teacher"
-  $wd train-teacher --config "$teacher_conf" --data "$data" --out "$exp/teacher" $(resume_flag "$exp/teacher")
+  $wd train-teacher --config "$teacher_conf" --data "$data" --out "$exp/teacher" $(resume_flag "$exp/teacher") $overrides
 fi
 
 if run 3; then
   say 3 "distill student -> $exp/student"
   $wd distill --config "$student_conf" --teacher "$exp/teacher/checkpoints/latest" --data "$data" \
-    --out "$exp/student" $(resume_flag "$exp/student")
+    --out "$exp/student" $(resume_flag "$exp/student") $overrides
 fi
 
 if run 4; then
