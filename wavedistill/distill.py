@@ -66,8 +66,7 @@ def validate(student, loss_fn, valid, tc, context, device, seed: int, mel_fn) ->
         m = mel[:, idx][None].to(device)
         g = _step_generator(seed, 10_000_000 + i, 0)
         z = student.noise_from_uniform(torch.rand(1, a.shape[1], generator=g, dtype=torch.float64)).float().to(device)
-        with torch.enable_grad():  # the loss needs no grads, but keep teacher code paths identical
-            _, terms, x = loss_fn(z, a, m, context, g)
+        _, terms, x = loss_fn(z, a, m, context, g)
         terms["log_mel_l1"] = log_mel_distance(mel_fn, x.clamp(-1, 1).float(), a).item()
         for k, v in terms.items():
             sums[k] = sums.get(k, 0.0) + v

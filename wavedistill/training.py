@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -43,13 +41,14 @@ class EMA:
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+        self.param_names = {k for k, _ in model.named_parameters()}
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         d = min(self.decay, (1.0 + step) / (10.0 + step))
         for k, v in model.state_dict().items():
             s = self.shadow[k]
-            if v.dtype.is_floating_point and k in dict(model.named_parameters()):
+            if k in self.param_names:
                 s.mul_(d).add_(v.detach().float(), alpha=1.0 - d)
             else:
                 s.copy_(v.detach())
@@ -159,12 +158,8 @@ def make_accelerator(train: TrainConfig, exp_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    mp = train.mixed_precision
-    if mp == "bf16" and not torch.cuda.is_available():
-        # bf16 autocast on CPU is supported by torch but slow on most CPUs; honour the request anyway.
-        pass
     acc = Accelerator(
-        mixed_precision=mp,
+        mixed_precision=train.mixed_precision,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(exp_dir), logging_dir=str(exp_dir / "logs")),
     )
@@ -283,14 +278,3 @@ def spectrogram_png(audio, sample_rate: int, title: str = "") -> bytes:
     plt.close(fig)
     return buf.getvalue()
 
-
-def log_line(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def world_info(acc) -> tuple[int, int]:
-    return acc.process_index, acc.num_processes
-
-
-def env_threads() -> int:
-    return int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
