@@ -64,7 +64,7 @@ def write_corpus(root: Path, n: int = 6, sample_rate: int = 8000, seconds: float
     """``n`` speech-like 16-bit wavs of ``seconds`` seconds with different pitches."""
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        audio = speech_like(sample_rate, seconds=seconds, silence=0.1, f0=110.0 + 25 * i, peak=0.3 + 0.08 * i, seed=i)
+        audio = speech_like(sample_rate, seconds=seconds, silence=0.1, f0=110.0 + 25 * (i % 7), peak=0.25 + 0.07 * (i % 8), seed=i)
         sf.write(str(root / f"utt{i:02d}.wav"), audio, sample_rate, subtype="PCM_16")
     return root
 
@@ -102,11 +102,20 @@ def cli(*args: str, cwd: Path | None = None, timeout: float = 120, env: dict | N
     )
 
 
-def popen(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [PYTHON, "-m", "wavedistill", *map(str, args)],
-        cwd=cwd, env=env or child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+def popen(*args: str, log: Path, cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+    """Start ``python -m wavedistill ARGS`` with stdout and stderr appended to ``log`` (never a pipe that can fill up)."""
+    with open(log, "ab") as f:
+        return subprocess.Popen(
+            [PYTHON, "-m", "wavedistill", *map(str, args)], cwd=cwd, env=env or child_env(), stdout=f, stderr=subprocess.STDOUT,
+        )
+
+
+def has_command(name: str) -> bool:
+    """Whether ``wavedistill --help`` lists the subcommand ``name``."""
+    import re
+
+    out = subprocess.run([PYTHON, "-m", "wavedistill", "--help"], capture_output=True, text=True, env=child_env(), timeout=120)
+    return re.search(rf"^\s+{re.escape(name)}(\s|$)", out.stdout, re.MULTILINE) is not None
 
 
 def step_dirs(exp: Path) -> list[Path]:

@@ -242,6 +242,8 @@ def load_training_state(path: Path) -> dict:
         trainer = json.loads((sd / "trainer.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{sd / 'trainer.json'} is unreadable ({e}); resume from another checkpoint") from None
+    if not isinstance(trainer, dict) or not all(k in trainer for k in ("step", "optimizer", "rng", "scheduler")):
+        raise UserError(f"{sd / 'trainer.json'} is incomplete (needs step, optimizer, rng, scheduler); resume from another checkpoint")
     return {
         "params": load_tensors(sd / "params.safetensors"),
         "optimizer": optimizer_from_tensors(load_tensors(sd / "optimizer.safetensors"), trainer["optimizer"]),

@@ -79,7 +79,8 @@ class TeacherConfig:
     speaker_channels: int = 16
     output: Literal["mol", "gaussian"] = "mol"
     mixtures: int = 10
-    log_scale_min: float = -16.0
+    # log-scale floor: None = -16 for the mixture of logistics, -9 for the Gaussian (REFERENCE.md §3-4)
+    log_scale_min: Optional[float] = None
 
     def validate(self, features: FeatureConfig | None = None) -> None:
         _positive(self, "layers", "stacks", "residual_channels", "gate_channels", "skip_channels", "cond_channels", "mixtures")
@@ -92,6 +93,8 @@ class TeacherConfig:
         if self.n_speakers < 0:
             raise UserError("teacher.n_speakers must be >= 0")
         _check_scales(self, "teacher", features)
+        if self.log_scale_min is None:
+            self.log_scale_min = -16.0 if self.output == "mol" else -9.0
 
 
 @dataclass
@@ -241,23 +244,23 @@ _SECTION_OF = {
 
 
 def auto_upsample_scales(hop: int) -> list[int]:
-    """Factor ``hop`` into upsampling scales of at most 8 (e.g. 80 → [4, 4, 5], 256 → [4, 4, 4, 4])."""
+    """Factor ``hop`` into as few balanced scales of about 8 or less as possible (80 → [4, 4, 5], 256 → [4, 8, 8])."""
     primes, n, p = [], hop, 2
     while n > 1:
         while n % p == 0:
             primes.append(p)
             n //= p
         p += 1
-    scales: list[int] = []
+    if not primes:
+        return [1]
+    scales = [1] * max(1, math.ceil(math.log(hop) / math.log(8) - 1e-9))
     for q in sorted(primes, reverse=True):
-        for i, s in enumerate(sorted(scales)):
-            if s * q <= 8:
-                scales.remove(s)
-                scales.append(s * q)
-                break
+        i = min(range(len(scales)), key=lambda j: scales[j])
+        if scales[i] * q <= max(8, q):
+            scales[i] *= q
         else:
             scales.append(q)
-    return sorted(scales) or [1]
+    return sorted(s for s in scales if s > 1) or [1]
 
 
 def _check_scales(section: Any, name: str, features: "FeatureConfig | None") -> None:
@@ -309,9 +312,17 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             raise UserError(f"{where}={value!r} must be an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise UserError(f"{where}={value!r} must be a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where}={value!r} must be a number")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise UserError(f"{where}={value!r} must be finite") from None
         if not math.isfinite(value):
             raise UserError(f"{where}={value!r} must be finite")
         return value

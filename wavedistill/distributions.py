@@ -126,8 +126,10 @@ class DiscretizedGaussian:
         return mu, log_s.clamp(min=self.log_scale_min)
 
     def log_prob_discrete(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        mu, log_s = self.split(params)
-        x = _float(x)
+        """Computed in float64: float32 ``log_ndtr`` gradients vanish or blow up in the far tail."""
+        out_dtype = torch.float64 if params.dtype == torch.float64 else torch.float32
+        mu, log_s = self.split(params.double())
+        x = x.double()
         inv_s = torch.exp(-log_s)
         a = (x - mu + HALF_BIN) * inv_s
         b = (x - mu - HALF_BIN) * inv_s
@@ -140,7 +142,8 @@ class DiscretizedGaussian:
         gap = (log_hi - log_lo).clamp_min(1e-30)
         mid = log_hi + log1mexp(gap)
         low, high = _edges(x)
-        return torch.where(low, torch.special.log_ndtr(a), torch.where(high, torch.special.log_ndtr(-b), mid))
+        lp = torch.where(low, torch.special.log_ndtr(a), torch.where(high, torch.special.log_ndtr(-b), mid))
+        return lp.to(out_dtype)
 
     def log_density(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         mu, log_s = self.split(params)
@@ -157,11 +160,12 @@ class DiscretizedGaussian:
         return x.clamp(-1.0, 1.0)
 
 
-def make_distribution(kind: str, mixtures: int, log_scale_min: float):
+def make_distribution(kind: str, mixtures: int, log_scale_min: float | None):
+    """``log_scale_min=None`` takes the default floor: -16 for the mixture, -9 for the Gaussian."""
     if kind == "mol":
-        return DiscretizedMixtureOfLogistics(mixtures, log_scale_min)
+        return DiscretizedMixtureOfLogistics(mixtures, -16.0 if log_scale_min is None else log_scale_min)
     if kind == "gaussian":
-        return DiscretizedGaussian(log_scale_min)
+        return DiscretizedGaussian(-9.0 if log_scale_min is None else log_scale_min)
     raise ValueError(f"unknown output distribution {kind!r}")
 
 

@@ -9,14 +9,14 @@ sampling from explicit uniform noise — but runs the loop over time steps and
 layers in C++ (``wavedistill/csrc/fastgen.cpp``), so it is bound by arithmetic
 instead of Python overhead.
 
-What stays in PyTorch, per block of :attr:`FastCachedGenerator.block` steps:
-
-* the conditioning projections of all layers (``CachedGenerator.cond_block``:
-  one matrix product);
-* the parameter-free half of the sampling: Gumbel variates
-  ``-log(-log(u))``, the logistic quantile ``log(u) - log1p(-u)`` and, for the
-  Gaussian teacher, ``ndtri(u)``, with the clamps of
-  :mod:`wavedistill.distributions`.
+The conditioning projections of all layers are computed in the extension
+too, as ``CachedGenerator.cond_block`` does, with one matrix product per chunk
+of 32 steps (kept in cache, and free of torch's thread pool, whose spinning
+costs more than the product on a busy machine).  What stays in PyTorch, per
+block of :attr:`FastCachedGenerator.block` steps, is the parameter-free half of
+the sampling: Gumbel variates ``-log(-log(u))``, the logistic quantile
+``log(u) - log1p(-u)`` and, for the Gaussian teacher, ``ndtri(u)``, with the
+clamps of :mod:`wavedistill.distributions` (the very same torch operations).
 
 The extension is compiled on first use with :func:`torch.utils.cpp_extension.load`
 (``-O3 -march=native``, no fast-math) into a per-CPU build directory outside
@@ -53,7 +53,7 @@ _SOURCE = Path(__file__).resolve().parent / "csrc" / "fastgen.cpp"
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
 _LDFLAGS = ["-pthread"]
 _PAD = 16  # floats; must equal PAD in fastgen.cpp
-_ABI = 1
+_ABI = 2
 
 _lock = threading.Lock()
 _lib = None
@@ -116,7 +116,7 @@ def _load(verbose: bool = False):
                 raise FastGenUnavailable(f"vector width {lib.fg_vector_width()} does not divide {_PAD}")
             p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
             lib.fg_run.restype = ctypes.c_int
-            lib.fg_run.argtypes = [p, p, p, i64, i64, i64, p, p, p, p, i64, i64, f32, f32, f32, f32, i64, p]
+            lib.fg_run.argtypes = [p, p, p, i64, i64, i64, p, i64, i64, i64, p, p, p, i64, i64, f32, f32, f32, f32, i64, p]
             _lib, _lib_path = lib, str(path)
         except Exception as e:  # no compiler, no ninja, read-only cache, ...: report, never crash the caller
             _error = f"{type(e).__name__}: {e}".strip()
@@ -152,7 +152,7 @@ class FastCachedGenerator:
     more than the second core gains (see ``benchmarks/cpu_generation.py``).
     """
 
-    block = 1024  # samples per conditioning-projection block (and per C++ call)
+    block = 1024  # samples per C++ call (and per progress callback)
 
     def __init__(self, teacher, threads: int = 1):
         self._lib = _load()
@@ -215,7 +215,11 @@ class FastCachedGenerator:
         h2w = torch.zeros(Sp, Pp)
         h2w[:S, :P] = ref.h2w
         heads = [put(h1w), put(vec(ref.h1b, Sp)), put(h2w), put(vec(ref.h2b, Pp))]
-        cfg += [off_in, off_bin] + heads
+        C = ref.w_cond.shape[1]
+        LGp = _pad(L * G)
+        wc = torch.zeros(C, LGp)
+        wc[:, : L * G] = ref.w_cond.t()  # [C, L*G]: column l*G + g
+        cfg += [off_in, off_bin] + heads + [C, LGp, put(wc)]
         for d, (w_taps, b_conv, w_out, b_out) in zip(ref.dilations, ref.layers):
             wg = torch.zeros(k, Rp, G)
             wg[:, :R] = w_taps.reshape(k, R, G)
@@ -228,15 +232,12 @@ class FastCachedGenerator:
             cfg += [d, put(wg), put(gate_cols(b_conv)), put(wo), put(bo)]
         self.weights = torch.cat(chunks).contiguous()
         self.cfg = torch.tensor(cfg, dtype=torch.int64)
-        self.dims = dict(L=L, k=k, R=R, G=G, S=S, P=P)
+        self.dims = dict(L=L, k=k, R=R, G=G, S=S, P=P, C=C)
         self.skip_scale = ref.skip_scale
 
     # ------------------------------------------------------------------ API (as CachedGenerator)
     def new_cache(self, batch: int) -> GenerationCache:
         return self.ref.new_cache(batch)
-
-    def cond_block(self, c: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        return self.ref.cond_block(c, start, stop)
 
     def transform_noise(self, noise: torch.Tensor) -> torch.Tensor:
         """Uniform noise ``[B, n_noise, T]`` → the variates the sampler consumes, ``[T, B, n_noise]``.
@@ -265,9 +266,12 @@ class FastCachedGenerator:
         With ``return_params=True`` also returns the distribution parameters of every step
         ``[B, P, T]`` (what ``CachedGenerator.step`` returned), for testing.
         """
-        B, _, T = c.shape
+        B, C, T = c.shape
         if c.device.type != "cpu":
             raise ValueError("FastCachedGenerator runs on the CPU; move c to the CPU")
+        if C != self.dims["C"]:
+            raise ValueError(f"c has {C} channels, the teacher expects {self.dims['C']}")
+        cf = c if c.dtype == torch.float32 else c.to(torch.float32)
         if noise.shape[0] != B or noise.shape[1] < self.n_noise or noise.shape[2] < T:
             raise ValueError(f"noise must be [B={B}, {self.n_noise}, >={T}], got {tuple(noise.shape)}")
         cache = cache or self.new_cache(B)
@@ -282,11 +286,11 @@ class FastCachedGenerator:
         params = torch.zeros(T, B, self.dims["P"], dtype=torch.float32) if return_params else None
         for start in range(0, T, self.block):
             stop = min(T, start + self.block)
-            cb = self.cond_block(c, start, stop).to(torch.float32).contiguous()
+            cb = cf[:, :, start:stop]
             nz = self.transform_noise(noise[:, : self.n_noise, start:stop])
             rc = self._lib.fg_run(
                 self.weights.data_ptr(), self.cfg.data_ptr(), bufs.data_ptr(), B, stop - start, cache.t,
-                cb.data_ptr(), nz.data_ptr(), x_prev.data_ptr(), out[:, start:].data_ptr(), T, 1,
+                cb.data_ptr(), *cb.stride(), nz.data_ptr(), x_prev.data_ptr(), out[:, start:].data_ptr(), T, 1,
                 float(temperature), float(self.dist.log_scale_min), float(self.skip_scale), float(SQRT_HALF),
                 self.threads, params[start:].data_ptr() if params is not None else None,
             )

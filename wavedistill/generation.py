@@ -24,6 +24,7 @@ class GenerationCache:
 
     buffers: list[torch.Tensor] = field(default_factory=list)
     t: int = 0
+    x_prev: torch.Tensor | None = None  # the last generated sample (input of the next step)
 
     @classmethod
     def empty(cls, sizes: list[int], batch: int, channels: int, dtype, device) -> "GenerationCache":
@@ -33,6 +34,7 @@ class GenerationCache:
         for b in self.buffers:
             b.zero_()
         self.t = 0
+        self.x_prev = None
 
 
 class CachedGenerator:
@@ -55,10 +57,15 @@ class CachedGenerator:
         for layer in net.layers:
             w = layer.conv.weight.detach()  # [G, R, k]; tap j multiplies x[t-(k-1-j)d]
             w_taps = torch.cat([w[:, :, j].t() for j in range(self.k)], dim=0).contiguous()  # [k*R, G]
-            w_out = torch.cat([layer.res.weight[:, :, 0].t() * SQRT_HALF, layer.skip.weight[:, :, 0].t()], dim=1)
-            b_out = torch.cat([layer.res.bias * SQRT_HALF, layer.skip.bias])
+            if layer.res is not None:
+                w_res, b_res = layer.res.weight[:, :, 0].t() * SQRT_HALF, layer.res.bias * SQRT_HALF
+            else:  # last layer: its residual output is never read
+                w_res = layer.skip.weight.new_zeros(layer.skip.in_channels, net.input.out_channels)
+                b_res = layer.skip.bias.new_zeros(net.input.out_channels)
+            w_out = torch.cat([w_res, layer.skip.weight[:, :, 0].t()], dim=1)
+            b_out = torch.cat([b_res, layer.skip.bias])
             self.layers.append((w_taps, layer.conv.bias.detach(), w_out.detach().contiguous(), b_out.detach()))
-        self.res_channels = net.layers[0].res.out_channels
+        self.res_channels = net.input.out_channels
         self.w_cond = torch.cat([layer.cond.weight[:, :, 0] for layer in net.layers], dim=0).detach()  # [L*G, C]
         self.gate = net.layers[0].conv.out_channels
         self.h1w, self.h1b = net.head1.weight[:, :, 0].detach().t().contiguous(), net.head1.bias.detach()
@@ -102,7 +109,7 @@ class CachedGenerator:
         B, _, T = c.shape
         cache = cache or self.new_cache(B)
         out = torch.zeros(B, T, dtype=self.dtype, device=self.device)
-        x_prev = torch.zeros(B, dtype=self.dtype, device=self.device)
+        x_prev = cache.x_prev if cache.x_prev is not None else torch.zeros(B, dtype=self.dtype, device=self.device)
         for start in range(0, T, self.block):
             stop = min(T, start + self.block)
             cb = self.cond_block(c, start, stop)
@@ -112,4 +119,5 @@ class CachedGenerator:
                 out[:, t] = x_prev
             if progress is not None:
                 progress(stop - start)
+        cache.x_prev = x_prev
         return out

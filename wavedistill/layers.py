@@ -22,13 +22,16 @@ SQRT_HALF = math.sqrt(0.5)
 class ResidualLayer(nn.Module):
     """``forward(x, c) -> (x_out, skip)``; causal in ``x``, pointwise in ``c``."""
 
-    def __init__(self, residual: int, gate: int, skip: int, cond: int, kernel_size: int, dilation: int):
+    def __init__(self, residual: int, gate: int, skip: int, cond: int, kernel_size: int, dilation: int,
+                 residual_out: bool = True):
         super().__init__()
         self.kernel_size = kernel_size
         self.dilation = dilation
         self.conv = nn.Conv1d(residual, gate, kernel_size, dilation=dilation)
         self.cond = nn.Conv1d(cond, gate, 1, bias=False) if cond > 0 else None
-        self.res = nn.Conv1d(gate // 2, residual, 1)
+        # The last layer of a skip-stack WaveNet feeds only the skip sum: no residual projection
+        # (an unused parameter would also break DistributedDataParallel).
+        self.res = nn.Conv1d(gate // 2, residual, 1) if residual_out else None
         self.skip = nn.Conv1d(gate // 2, skip, 1) if skip > 0 else None
 
     @property
@@ -44,7 +47,7 @@ class ResidualLayer(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None):
         a, b = self.gate_input(x, c).chunk(2, dim=1)
         z = torch.tanh(a) * torch.sigmoid(b)
-        out = (x + self.res(z)) * SQRT_HALF
+        out = (x + self.res(z)) * SQRT_HALF if self.res is not None else x
         skip = self.skip(z) if self.skip is not None else None
         return out, skip
 
@@ -75,9 +78,11 @@ class WaveNet(nn.Module):
         self.kernel_size = kernel_size
         self.skip_channels = skip_channels
         self.input = nn.Conv1d(in_channels, residual_channels, 1)
+        last = len(self.dilations) - 1
         self.layers = nn.ModuleList(
-            ResidualLayer(residual_channels, gate_channels, skip_channels, cond_channels, kernel_size, d)
-            for d in self.dilations
+            ResidualLayer(residual_channels, gate_channels, skip_channels, cond_channels, kernel_size, d,
+                          residual_out=not (skip_channels > 0 and i == last))
+            for i, d in enumerate(self.dilations)
         )
         head_in = skip_channels if skip_channels > 0 else residual_channels
         self.head1 = nn.Conv1d(head_in, head_in, 1)

@@ -3,14 +3,15 @@
 // A plain C ABI (loaded with ctypes) so that the build needs no torch or
 // pybind11 headers and compiles in about a second.  The Python side
 // (wavedistill/fastgen.py) packs the linearised weights of
-// wavedistill.generation.CachedGenerator into one float32 buffer, computes the
-// conditioning projections for a block of steps with one matrix product, and
-// turns the uniform noise into Gumbel / logistic / normal variates with the
-// very torch operations that DiscretizedMixtureOfLogistics.sample and
-// DiscretizedGaussian.sample use.  This file runs the per-step maths of
-// CachedGenerator.step (ring-buffer taps, gate matvec + conditioning,
-// tanh·sigmoid, residual/skip matvec, head) and the parameter-dependent part
-// of the sampling (argmax, exp of the log-scale, clamps) for T steps.
+// wavedistill.generation.CachedGenerator into one float32 buffer and turns the
+// uniform noise into Gumbel / logistic / normal variates with the very torch
+// operations that DiscretizedMixtureOfLogistics.sample and
+// DiscretizedGaussian.sample use.  This file runs, for T steps, the
+// conditioning projections of all layers (as CachedGenerator.cond_block: one
+// matrix product per chunk of CT steps, never per sample), the per-step maths
+// of CachedGenerator.step (ring-buffer taps, gate matvec + conditioning,
+// tanh·sigmoid, residual/skip matvec, head) and the parameter-dependent part of
+// the sampling (argmax, exp of the log-scale, clamps).
 //
 // Layout conventions (all float32; "padded" sizes are multiples of 16 floats,
 // padding entries of weights and biases are zero so padded lanes stay zero):
@@ -19,7 +20,8 @@
 //   out weights   Wo [Hp, Rp+Sp]   columns [0, Rp) residual (already × sqrt(1/2)), [Rp, Rp+Sp) skip
 //   head          h1w [Sp, Sp], h2w [Sp, Pp]
 //   ring buffers  exactly GenerationCache.buffers: layer l is [(k-1)·d_l, B, R], unpadded.
-//   conditioning  [Tb, L, B, G] (CachedGenerator.cond_block), unpadded.
+//   cond weights  Wc [C, LGp]      column l*G + g is layer l, gate channel g (unpadded per layer)
+//   conditioning  c[b*csb + ch*csc + t*cst], the upsampled features, any strides.
 //   noise         [Tb, B, NN] already transformed (MoL: K Gumbel variates then
 //                 log(u) - log1p(-u); Gaussian: ndtri(u)).
 //
@@ -67,8 +69,8 @@ inline vf ld(const float* p) {
 }
 inline void st(float* p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 inline vf bc(float x) {
-  vf v = {};
-  return v + x;
+  vf zero = {};
+  return x - zero;  // broadcast (x - (+0) keeps the sign of -0, unlike x + 0)
 }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 inline vf vmin(vf a, vf b) { return a < b ? a : b; }
@@ -96,7 +98,8 @@ inline vf v_exp(vf x) {
 
 // tanh(x), Cephes tanhf: odd polynomial for |x| < 0.625, else 1 - 2/(e^{2|x|}+1).
 inline vf v_tanh(vf x) {
-  const vi signmask = (vi)bc(-0.0f);
+  const vi zero = {};
+  const vi signmask = zero + INT32_MIN;
   vf ax = (vf)((vi)x & ~signmask);
   vf s = x * x;
   vf p = bc(-5.70498872745E-3f);
@@ -194,16 +197,39 @@ struct Barrier {
 enum Cfg {
   C_L, C_K, C_R, C_RP, C_G, C_H, C_HP, C_S, C_SP, C_P, C_PP, C_DIST, C_MIX, C_NN,
   C_OFF_WIN, C_OFF_BIN, C_OFF_H1W, C_OFF_H1B, C_OFF_H2W, C_OFF_H2B,
+  C_C, C_LGP, C_OFF_WC,
   C_FIXED  // then per layer: dilation, offset Wg, offset bg, offset Wo, offset bo
 };
 constexpr int PER_LAYER = 5;
+constexpr int64_t CT = 32;  // steps per conditioning chunk (CT·L·G floats stay in L2)
+
+// Y[r, :] = X[r, :] @ W for r < nrows (no bias); column tiles outermost so that a
+// tile of W stays in L1 while every row is multiplied by it.
+void matmul(const float* W, int64_t ldw, int64_t nin, int64_t nout, const float* X, int64_t ldx, int64_t nrows,
+            float* Y, int64_t ldy) {
+  constexpr int NVT = 4;
+  int64_t j = 0;
+  for (; nout - j >= NVT * VW; j += NVT * VW) {
+    int64_t r = 0;
+    for (; nrows - r >= 4; r += 4) mv_tile<4, NVT>(W + j, ldw, nin, X + r * ldx, ldx, nullptr, Y + r * ldy + j, ldy);
+    for (; r < nrows; ++r) mv_tile<1, NVT>(W + j, ldw, nin, X + r * ldx, ldx, nullptr, Y + r * ldy + j, ldy);
+  }
+  for (; j < nout; j += VW) {
+    int64_t r = 0;
+    for (; nrows - r >= 4; r += 4) mv_tile<4, 1>(W + j, ldw, nin, X + r * ldx, ldx, nullptr, Y + r * ldy + j, ldy);
+    for (; r < nrows; ++r) mv_tile<1, 1>(W + j, ldw, nin, X + r * ldx, ldx, nullptr, Y + r * ldy + j, ldy);
+  }
+}
 
 struct Ctx {
   const float* wts;
   const int64_t* cfg;
   float** bufs;
   int64_t B, Tb, t0;
-  const float* cond;    // [Tb, L, B, G]
+  const float* cin;     // conditioning features c[b*csb + ch*csc + tl*cst]
+  int64_t csb, csc, cst;
+  float* ctr;           // scratch [CT, B, C]: a chunk of c, transposed
+  float* cond;          // scratch [CT, B, LGp]: conditioning projections of the chunk
   const float* noise;   // [Tb, B, NN]
   float* x_prev;        // [B]
   float* out;           // out[b*osb + t*ost]
@@ -269,8 +295,20 @@ void worker(const Ctx& c, int p) {
   const float* b_in = w + cfg[C_OFF_BIN];
   const float c_half = c.sqrt_half;
 
+  const int64_t C = cfg[C_C], LGp = cfg[C_LGP];
   for (int64_t tl = 0; tl < c.Tb; ++tl) {
     const int64_t t = c.t0 + tl;
+    if (tl % CT == 0) {  // conditioning projections of all layers for the next CT steps
+      if (lead) {
+        const int64_t n = std::min(CT, c.Tb - tl);
+        for (int64_t q = 0; q < n; ++q)
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t ch = 0; ch < C; ++ch)
+              c.ctr[(q * B + b) * C + ch] = c.cin[b * c.csb + ch * c.csc + (tl + q) * c.cst];
+        matmul(w + cfg[C_OFF_WC], LGp, C, LGp, c.ctr, C, n * B, c.cond, LGp);
+      }
+      if (np > 1) c.bar->wait();
+    }
     for (int64_t b = 0; b < B; ++b) {
       const vf xp = bc(c.x_prev[b]);
       for (int64_t v = 0; v < Rp; v += VW) st(&h[b * Rp + v], xp * ld(w_in + v) + ld(b_in + v));
@@ -292,13 +330,24 @@ void worker(const Ctx& c, int p) {
         }
         std::memcpy(xb + (k - 1) * Rp, &h[b * Rp], sizeof(float) * Rp);
       }
-      if (nj > 0) {
+      // Warm the cache for this layer's taps at the next step (the weights stream
+      // sequentially and the hardware prefetches them).
+      if (tl + 1 < c.Tb) {
+        const int64_t slot = ((t + 1 - (k - 1) * d) % m + m) % m;
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t q = 0; q < R; q += 16) __builtin_prefetch(buf + (slot * B + b) * R + q, 0, 1);
+      }
+      if (nj == Hp) {  // all gated channels: one product over the full gate width
+        matvec(Wg, Gp, kRp, Gp, xin.data(), kRp, B, bg, g.data(), Gp);
+      } else if (nj > 0) {
         matvec(Wg + j0, Gp, kRp, nj, xin.data(), kRp, B, bg + j0, &g[j0], Gp);
         matvec(Wg + Hp + j0, Gp, kRp, nj, xin.data(), kRp, B, bg + Hp + j0, &g[Hp + j0], Gp);
-        const float* cl = c.cond + ((tl * L + l) * B) * G;
+      }
+      if (nj > 0) {
+        const float* cl = c.cond + (tl % CT) * B * LGp + l * G;
         const int64_t jc = std::min(j1, H);
         for (int64_t b = 0; b < B; ++b) {
-          const float* cb = cl + b * G;
+          const float* cb = cl + b * LGp;
           float* gb = &g[b * Gp];
           for (int64_t j = j0; j < jc; ++j) {
             gb[j] += cb[j];
@@ -348,17 +397,17 @@ void worker(const Ctx& c, int p) {
 
 extern "C" {
 
-int fg_abi_version() { return 1; }
+int fg_abi_version() { return 2; }
 int fg_vector_width() { return VW; }
 
 // Runs Tb steps starting at absolute step t0.  Returns 0, or a negative code
 // for an invalid configuration.  bufs: int64 addresses of the L ring buffers.
 int fg_run(const float* wts, const int64_t* cfg, const int64_t* bufs, int64_t B, int64_t Tb, int64_t t0,
-           const float* cond, const float* noise, float* x_prev, float* out, int64_t osb, int64_t ost,
+           const float* cin, int64_t csb, int64_t csc, int64_t cst, const float* noise, float* x_prev, float* out, int64_t osb, int64_t ost,
            float temperature, float log_scale_min, float skip_scale, float sqrt_half, int64_t threads,
            float* params_out) {
   const int64_t L = cfg[C_L], k = cfg[C_K];
-  if (cfg[C_RP] % VW || cfg[C_HP] % VW || cfg[C_SP] % VW || cfg[C_PP] % VW) return -1;
+  if (cfg[C_RP] % VW || cfg[C_HP] % VW || cfg[C_SP] % VW || cfg[C_PP] % VW || cfg[C_LGP] % VW) return -1;
   if (k < 2 || L < 1 || B < 1) return -2;
   if (cfg[C_DIST] == 0 && cfg[C_NN] != cfg[C_MIX] + 1) return -3;
   const int64_t nhv = cfg[C_HP] / VW;
@@ -367,9 +416,10 @@ int fg_run(const float* wts, const int64_t* cfg, const int64_t* bufs, int64_t B,
   for (int64_t l = 0; l < L; ++l) bp[l] = reinterpret_cast<float*>(static_cast<intptr_t>(bufs[l]));
   const int64_t RSp = cfg[C_RP] + cfg[C_SP];
   std::vector<float> opart((size_t)np * 2 * B * RSp, 0.0f);
+  std::vector<float> ctr((size_t)CT * B * cfg[C_C]), cond((size_t)CT * B * cfg[C_LGP]);
   Barrier bar;
   bar.n = np;
-  Ctx c{wts, cfg, bp.data(), B, Tb, t0, cond, noise, x_prev, out, osb, ost, temperature, log_scale_min,
+  Ctx c{wts, cfg, bp.data(), B, Tb, t0, cin, csb, csc, cst, ctr.data(), cond.data(), noise, x_prev, out, osb, ost, temperature, log_scale_min,
         skip_scale, sqrt_half, params_out, opart.data(), np, &bar};
   if (np == 1) {
     worker(c, 0);

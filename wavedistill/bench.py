@@ -1,0 +1,320 @@
+"""Generation speed: samples per second, real-time factor and FLOP efficiency.
+
+``wavedistill bench`` times, after a warm-up run, under ``torch.inference_mode``
+and with ``torch.cuda.synchronize`` around GPU work, the median of
+``--repeats`` runs of each generator:
+
+* ``teacher-naive``  — :meth:`Teacher.generate_naive` (recomputes the receptive
+  field every step) on ``min(S, 0.1)`` seconds, since it is slow;
+* ``teacher-cached`` — :meth:`Teacher.generate` (ring-buffer queues) on ``S`` seconds;
+* ``teacher-cached-fused`` — :class:`wavedistill.fastgen.FastCachedGenerator`,
+  when that module exists and reports itself available (CPU only);
+* ``student``        — one parallel pass of :meth:`Student.synthesize` on ``S`` seconds;
+* ``griffin-lim``    — librosa mel inversion + 32 Griffin-Lim iterations (CPU).
+
+FLOPs per sample are counted analytically from the model config (a
+multiply-add is 2 FLOPs; elementwise work is not counted), and compared with
+the peak of a large float32 matmul measured in the same run.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import math
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import FeatureConfig
+from .errors import UserError
+from .fileio import atomic_write_bytes, atomic_write_json, describe_os_error
+
+NAIVE_MAX_SECONDS = 0.1
+GRIFFIN_LIM_ITERS = 32
+
+
+# --------------------------------------------------------------------------- analytic FLOPs
+
+
+def wavenet_layer_flops(kernel: int, residual: int, gate: int, skip: int, cond: int) -> int:
+    """One residual layer, one sample: dilated conv, per-sample conditioning projection, residual and skip 1×1s."""
+    half = gate // 2
+    return 2 * kernel * residual * gate + 2 * cond * gate + 2 * half * residual + 2 * half * skip
+
+
+def wavenet_flops(layers: int, kernel: int, residual: int, gate: int, skip: int, cond: int, out_channels: int) -> int:
+    """A whole WaveNet per sample: 1→R input, the layers, and the two 1×1 head layers."""
+    head_in = skip if skip > 0 else residual
+    return (2 * residual + layers * wavenet_layer_flops(kernel, residual, gate, skip, cond)
+            + 2 * head_in * head_in + 2 * head_in * out_channels)
+
+
+def conditioning_flops(n_mels: int, cond: int, scales: list[int]) -> float:
+    """:class:`~wavedistill.layers.ConditionNet` per output sample: the 5-tap frame conv and the upsampling filters."""
+    hop = math.prod(scales)
+    flops = 2 * 5 * n_mels * cond / hop
+    rate = 1
+    for s in scales:
+        rate *= s
+        flops += 2 * (2 * s + 1) * cond * rate / hop
+    return flops
+
+
+def teacher_flops_per_sample(teacher) -> float:
+    """A cached generation step (the work is independent of the receptive field)."""
+    cfg = teacher.cfg
+    net = wavenet_flops(cfg.layers, cfg.kernel_size, cfg.residual_channels, cfg.gate_channels, cfg.skip_channels,
+                        cfg.cond_channels, teacher.dist.n_params)
+    return net + conditioning_flops(teacher.n_mels, cfg.cond_channels, teacher.cond.scales)
+
+
+def naive_teacher_flops_per_sample(teacher, samples: int) -> float:
+    """What ``generate_naive`` actually computes: the whole net over a window of ``min(t+1, rf)`` samples at step ``t``."""
+    cfg = teacher.cfg
+    net = wavenet_flops(cfg.layers, cfg.kernel_size, cfg.residual_channels, cfg.gate_channels, cfg.skip_channels,
+                        cfg.cond_channels, teacher.dist.n_params)
+    rf = teacher.receptive_field
+    positions = sum(min(t + 1, rf) for t in range(samples))
+    return net * positions / samples + conditioning_flops(teacher.n_mels, cfg.cond_channels, teacher.cond.scales)
+
+
+def student_flops_per_sample(student) -> float:
+    """All IAF flows (WaveNets without skip stacks, 2 outputs each) plus the conditioning net."""
+    cfg = student.cfg
+    flows = sum(
+        wavenet_flops(n, cfg.kernel_size, cfg.residual_channels, cfg.gate_channels, 0, cfg.cond_channels, 2)
+        for n in cfg.flow_layers
+    )
+    return flows + conditioning_flops(student.n_mels, cfg.cond_channels, student.cond.scales)
+
+
+def griffin_lim_flops_per_sample(n_fft: int, hop: int, n_iter: int = GRIFFIN_LIM_ITERS) -> float:
+    """Estimate: per iteration one STFT and one inverse STFT, each ~5·N·log2(N) per frame (mel inversion not counted)."""
+    return n_iter * 2 * 5 * n_fft * math.log2(n_fft) / hop
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, repeats: int, warmup: Callable[[], object] | None = None) -> list[float]:
+    """Wall seconds of ``repeats`` calls of ``fn`` after one warm-up call (``warmup`` or ``fn`` itself)."""
+    with torch.inference_mode():
+        (warmup or fn)()
+        _sync(device)
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def peak_gflops(device: torch.device, n: int = 2048, repeats: int = 3) -> float:
+    """Median GFLOP/s of an ``n×n @ n×n`` float32 matmul on ``device``."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device)
+    b = torch.randn(n, n, generator=g).to(device)
+    times = time_call(lambda: torch.mm(a, b), device, repeats)
+    return 2.0 * n**3 / statistics.median(times) / 1e9
+
+
+def bench_mel(features: FeatureConfig, seconds: float, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """A deterministic plausible log-mel ``[1, n_mels, frames]`` (content does not change the cost)."""
+    frames = max(1, round(seconds * features.sample_rate / features.hop_length))
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(1, features.n_mels, frames, generator=g) - 4.0).to(device, dtype)
+
+
+def _fastgen():
+    try:
+        mod = importlib.import_module("wavedistill.fastgen")
+    except ImportError:
+        return None
+    try:
+        return mod if mod.available() else None
+    except Exception:  # a broken optional extension must not break the benchmark
+        return None
+
+
+def _entry(generator: str, checkpoint: str | None, device: torch.device, sample_rate: int, samples: int,
+           times: list[float], flops: float | None, peak: float) -> dict:
+    med = statistics.median(times)
+    sps = samples / med
+    audio = samples / sample_rate
+    achieved = flops * sps / 1e9 if flops is not None else None
+    return {
+        "generator": generator,
+        "checkpoint": checkpoint,
+        "device": str(device),
+        "sample_rate": sample_rate,
+        "samples": samples,
+        "audio_seconds": audio,
+        "median_seconds": med,
+        "times": times,
+        "samples_per_second": sps,
+        "real_time_factor": med / audio,
+        "x_real_time": audio / med,
+        "flops_per_sample": flops,
+        "achieved_gflops": achieved,
+        "fraction_of_peak": achieved / peak if achieved is not None and peak > 0 else None,
+    }
+
+
+def bench_checkpoint(voc, seconds: float, repeats: int, peak: float, temperature: float = 1.0) -> list[dict]:
+    model, fc, dev = voc.model, voc.features, voc.device
+    sr, hop = fc.sample_rate, voc.hop
+    name = str(voc.path)
+    mel = bench_mel(fc, seconds, dev, voc.dtype)
+    samples = mel.shape[2] * hop
+    short = mel[:, :, :2]
+    results = []
+    if voc.kind == "student":
+        times = time_call(lambda: model.synthesize(mel, seed=0, temperature=temperature), dev, repeats)
+        results.append(_entry("student", name, dev, sr, samples, times, student_flops_per_sample(model), peak))
+        return results
+
+    naive_mel = bench_mel(fc, min(seconds, NAIVE_MAX_SECONDS), dev, voc.dtype)
+    n_naive = naive_mel.shape[2] * hop
+    times = time_call(lambda: model.generate_naive(naive_mel, seed=0, temperature=temperature), dev, repeats,
+                      warmup=lambda: model.generate_naive(short, seed=0, temperature=temperature))
+    results.append(_entry("teacher-naive", name, dev, sr, n_naive, times,
+                          naive_teacher_flops_per_sample(model, n_naive), peak))
+    times = time_call(lambda: model.generate(mel, seed=0, temperature=temperature), dev, repeats,
+                      warmup=lambda: model.generate(short, seed=0, temperature=temperature))
+    cached = teacher_flops_per_sample(model)
+    results.append(_entry("teacher-cached", name, dev, sr, samples, times, cached, peak))
+
+    fg = _fastgen() if dev.type == "cpu" and voc.dtype == torch.float32 else None
+    if fg is not None:
+        gen = fg.FastCachedGenerator(model)
+
+        def fused(m=mel):
+            c = model.condition(m)
+            noise = model.make_noise(c.shape[0], c.shape[2], 0, c.device, c.dtype)
+            return gen.run(c, noise, temperature)
+
+        times = time_call(fused, dev, repeats, warmup=lambda: fused(short))
+        results.append(_entry("teacher-cached-fused", name, dev, sr, samples, times, cached, peak))
+    return results
+
+
+def bench_griffin_lim(features: FeatureConfig, seconds: float, repeats: int, peak: float) -> dict:
+    from .evaluate import griffin_lim
+
+    mel = bench_mel(features, seconds, torch.device("cpu"))[0].numpy()
+    samples = mel.shape[1] * features.hop_length
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"n_fft=\d+ is too large", category=UserWarning)  # very short --seconds
+        times = time_call(lambda: griffin_lim(mel, features, n_iter=GRIFFIN_LIM_ITERS), torch.device("cpu"), repeats)
+    flops = griffin_lim_flops_per_sample(features.n_fft, features.hop_length)
+    return _entry("griffin-lim", None, torch.device("cpu"), features.sample_rate, samples, times, flops, peak)
+
+
+def checkpoint_label(path: str | None) -> str:
+    """``experiment/step-N`` for a checkpoint under ``EXP/checkpoints``, else the directory name."""
+    if not path:
+        return "-"
+    p = Path(path)
+    return f"{p.parent.parent.name}/{p.name}" if p.parent.name == "checkpoints" else p.name
+
+
+def format_table(report: dict) -> str:
+    rows = [("generator", "checkpoint", "samples/s", "RTF", "x real time", "GFLOP/s", "% peak")]
+    for r in report["results"]:
+        ck = checkpoint_label(r["checkpoint"])
+        gf = f"{r['achieved_gflops']:.3f}" if r["achieved_gflops"] is not None else "-"
+        fr = f"{100 * r['fraction_of_peak']:.2f}" if r["fraction_of_peak"] is not None else "-"
+        rows.append((r["generator"], ck, f"{r['samples_per_second']:,.0f}", f"{r['real_time_factor']:.4g}",
+                     f"{r['x_real_time']:.4g}", gf, fr))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"device {report['device']}, {report['threads']} thread(s), peak {report['peak_gflops']:.1f} GFLOP/s "
+                 f"(fp32 matmul); RTF = compute s per audio s (<1 is faster than real time)")
+    return "\n".join(lines)
+
+
+def plot_png(report: dict) -> bytes:
+    """Bar chart of samples/s per generator (log axis) with the sample rate marked as real time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = report["results"]
+    labels = [r["generator"] + (f"\n{checkpoint_label(r['checkpoint'])}" if r["checkpoint"] else "") for r in res]
+    values = [r["samples_per_second"] for r in res]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(res) + 1.5), 4), dpi=100)
+    ax.bar(range(len(res)), values, color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(res)), labels, fontsize=8)
+    ax.set_ylabel("samples / s")
+    for rate in sorted({r["sample_rate"] for r in res}):
+        ax.axhline(rate, color="tab:red", linestyle="--", linewidth=1)
+        ax.text(len(res) - 0.5, rate, f" real time ({rate} Hz)", color="tab:red", va="bottom", ha="right", fontsize=8)
+    ax.set_title(f"generation speed on {report['device']} ({report['threads']} thread(s))", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def run_bench(checkpoints: list[str], device: str = "cpu", seconds: float = 1.0, repeats: int = 3,
+              json_path: str | Path | None = None, plot_path: str | Path | None = None, threads: int | None = None,
+              griffin_lim: bool = True) -> dict:
+    """Benchmark every checkpoint (and Griffin-Lim); print a table; optionally write JSON and a PNG plot."""
+    from . import __version__
+    from .synthesis import Vocoder
+
+    if not checkpoints:
+        raise UserError("pass at least one --checkpoint")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UserError(f"--seconds must be a positive number, got {seconds}")
+    if repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {repeats}")
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    vocoders = [Vocoder.load(c, device) for c in checkpoints]
+    dev = vocoders[0].device
+    peak = peak_gflops(dev)
+    results = []
+    for voc in vocoders:
+        results.extend(bench_checkpoint(voc, seconds, repeats, peak))
+    if griffin_lim:
+        cpu_peak = peak if dev.type == "cpu" else peak_gflops(torch.device("cpu"))
+        results.append(bench_griffin_lim(vocoders[0].features, seconds, repeats, cpu_peak))
+    report = {
+        "device": str(dev) if dev.type == "cpu" else f"{dev} ({torch.cuda.get_device_name(dev)})",
+        "threads": torch.get_num_threads(),
+        "sample_rate": vocoders[0].sample_rate,
+        "torch": torch.__version__,
+        "wavedistill_version": __version__,
+        "seconds": seconds,
+        "repeats": repeats,
+        "peak_gflops": peak,
+        "results": results,
+    }
+    print(format_table(report))
+    try:
+        if json_path is not None:
+            atomic_write_json(json_path, report)
+        if plot_path is not None:
+            atomic_write_bytes(plot_path, plot_png(report))
+    except OSError as e:
+        raise UserError(describe_os_error(e, str(e.filename or json_path or plot_path))) from None
+    return report

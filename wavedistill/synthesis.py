@@ -1,0 +1,507 @@
+"""Synthesis from log-mels: one :class:`Vocoder` for teacher and student checkpoints.
+
+``Vocoder.load(CKPT).synthesize(mel, seed=0)`` returns ``frames*hop`` samples.
+Long inputs can be synthesised in chunks of ``chunk_frames`` frames without
+seams: every output sample sees exactly the conditioning and noise it sees in
+one unchunked pass.
+
+* Student: each chunk is computed with ``cond.frame_context`` frames of mel
+  context on both sides (or the true utterance edge), plus
+  ``ceil(receptive_field/hop)+1`` frames of extra output on the left that are
+  thrown away, so the causal flows have their full history.  Noise is
+  positional (sample ``t`` is fixed by ``(seed, t)``), so chunks agree.
+* Teacher: one generation cache and the previous sample are carried from chunk
+  to chunk; conditioning is computed per chunk with frame context on both
+  sides; the noise for the whole utterance is drawn once from the seed.
+
+Noise rows: item ``i`` of a ``[B, n_mels, F]`` batch uses row ``i`` of the
+seed's noise (as ``Student.synthesize`` and ``Teacher.generate`` do);
+:func:`run_synthesize` gives every utterance row 0, so a file's output depends
+only on the checkpoint, its mel and the seed, not on how it was batched.
+
+:func:`run_synthesize` is the ``wavedistill synthesize`` command: audio files
+(copy synthesis), ``.npy`` log-mels or list files in, 16-bit PCM WAVs out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .audio import AudioError, MelExtractor, load_audio, write_wav
+from .checkpoint import load_model, resolve_checkpoint
+from .config import FeatureConfig
+from .errors import UserError
+from .fileio import describe_os_error
+
+LIST_SUFFIXES = (".txt", ".list", ".scp")
+MAX_SEED = 2**32  # the student's positional noise seeds generators with seed·1000003 + block
+MEL_SUFFIX = ".npy"
+
+Progress = Callable[[int], None]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a device; CUDA without a GPU is a :class:`UserError`."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {device} is not a device; use cpu or cuda") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} was requested but CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type != "cpu":
+        raise UserError(f"--device {device} is not supported; use cpu or cuda")
+    return dev
+
+
+class Vocoder:
+    """A loaded teacher or student: mel in, waveform out."""
+
+    def __init__(self, model: torch.nn.Module, features: FeatureConfig, config: dict, path: Path | None = None):
+        self.model = model
+        self.features = features
+        self.config = config
+        self.path = path
+        self._mel: MelExtractor | None = None
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str | torch.device = "cpu") -> "Vocoder":
+        """Load a step directory, a ``latest``/``best`` link or an experiment directory."""
+        dev = resolve_device(device)
+        path = resolve_checkpoint(checkpoint)
+        model, features, cfg = load_model(path, device=dev)
+        return cls(model, features, cfg, path)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def kind(self) -> str:
+        return self.model.kind
+
+    @property
+    def sample_rate(self) -> int:
+        return self.features.sample_rate
+
+    @property
+    def hop(self) -> int:
+        return self.model.hop
+
+    @property
+    def n_mels(self) -> int:
+        return self.features.n_mels
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def frame_context(self) -> int:
+        """Mel frames each side of a chunk that its conditioning needs."""
+        return self.model.cond.frame_context
+
+    @property
+    def left_frames(self) -> int:
+        """Extra frames of output computed (then dropped) left of a student chunk: covers the flows' history."""
+        if self.kind != "student":
+            return 0
+        return math.ceil(self.model.receptive_field / self.hop) + 1
+
+    # ------------------------------------------------------------------ features
+    def mel_from_audio(self, audio: str | Path | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Log-mel ``[n_mels, frames]`` of a file (resampled to the model rate) or of a 1-D array at the model rate.
+
+        Uses the checkpoint's own feature parameters; ``frames = samples // hop``.
+        Raises :class:`~wavedistill.audio.AudioError` for unusable audio.
+        """
+        if isinstance(audio, (str, Path)):
+            x = load_audio(audio, self.sample_rate)
+        else:
+            x = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
+            x = np.asarray(x, dtype=np.float32)
+            if x.ndim != 1:
+                raise AudioError(f"expected mono audio (a 1-D array), got shape {tuple(x.shape)}")
+            if x.size == 0:
+                raise AudioError("empty (0 samples)")
+            if not np.isfinite(x).all():
+                raise AudioError("contains NaN or inf samples")
+        x = MelExtractor.align(x, self.hop)
+        min_samples = max(self.hop, self.features.n_fft // 2 + 1)
+        if x.shape[0] < min_samples:
+            raise AudioError(f"too short: {x.shape[0]} samples, need at least {min_samples} for one mel frame")
+        if self._mel is None:
+            self._mel = MelExtractor(self.features)
+        with torch.no_grad():
+            return self._mel(torch.from_numpy(np.ascontiguousarray(x)))
+
+    # ------------------------------------------------------------------ synthesis
+    def synthesize(self, mel, seed: int | None = None, temperature: float = 1.0, chunk_frames: int | None = None,
+                   speaker: int | None = None, progress: Progress | None = None) -> torch.Tensor:
+        """Waveform ``[B, F*hop]`` from log-mels ``[B, n_mels, F]`` (or ``[F*hop]`` from ``[n_mels, F]``).
+
+        ``seed=None`` draws a fresh seed.  ``chunk_frames`` bounds memory on long inputs; the
+        output equals the unchunked one.  ``progress(n)`` is called with the number of
+        output samples finished (summed over the batch).  Output is on the model's device.
+        """
+        mel = torch.as_tensor(mel)
+        if mel.dim() not in (2, 3) or mel.shape[-2] != self.n_mels or mel.shape[-1] < 1:
+            raise ValueError(f"mel must be [n_mels={self.n_mels}, frames>0] or [batch, n_mels, frames], got {tuple(mel.shape)}")
+        single = mel.dim() == 2
+        batch = mel[None] if single else mel
+        items = list(batch.unbind(0))
+        out = torch.stack(self.synthesize_items(items, seed, list(range(len(items))), temperature, chunk_frames, speaker, progress))
+        return out[0] if single else out
+
+    @torch.no_grad()  # not inference_mode: callers may feed the output to autograd code (losses, tests)
+    def synthesize_items(self, mels: list[torch.Tensor], seed: int | None, rows: list[int] | None = None,
+                         temperature: float = 1.0, chunk_frames: int | None = None, speaker: int | None = None,
+                         progress: Progress | None = None) -> list[torch.Tensor]:
+        """Synthesise mels of different lengths together (one batch); item ``i`` uses noise row ``rows[i]``.
+
+        Each item's output equals what it gets alone with the same seed and row: the
+        conditioning is computed per item and only the causal networks run batched, so
+        padding at the end of shorter items never reaches their valid samples.
+        """
+        if not mels:
+            return []
+        rows = list(rows) if rows is not None else [0] * len(mels)
+        if len(rows) != len(mels) or min(rows) < 0:
+            raise ValueError("rows must give one non-negative noise row per mel")
+        if seed is None:
+            seed = secrets.randbits(31)
+        elif not 0 <= int(seed) < MAX_SEED:
+            raise ValueError(f"seed must be in [0, {MAX_SEED}), got {seed}")
+        if chunk_frames is not None and int(chunk_frames) < 1:
+            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+        mels = [torch.as_tensor(m).to(self.device, self.dtype) for m in mels]
+        for m in mels:
+            if m.dim() != 2 or m.shape[0] != self.n_mels or m.shape[1] < 1:
+                raise ValueError(f"each mel must be [n_mels={self.n_mels}, frames>0], got {tuple(m.shape)}")
+        frames = [m.shape[1] for m in mels]
+        chunk = int(chunk_frames) if chunk_frames else max(frames)
+        if self.kind == "student":
+            return self._student(mels, frames, int(seed), rows, float(temperature), chunk, progress)
+        spk = self._speaker(speaker, len(mels))
+        return self._teacher(mels, frames, int(seed), rows, float(temperature), chunk, spk, progress)
+
+    # ------------------------------------------------------------------ internals
+    def _speaker(self, speaker: int | None, batch: int) -> torch.Tensor | None:
+        n = getattr(self.model.cfg, "n_speakers", 0)
+        if n == 0:
+            if speaker is not None:
+                raise UserError("this checkpoint is single-speaker; do not pass a speaker id")
+            return None
+        if speaker is None:
+            raise UserError(f"this teacher is multi-speaker (n_speakers={n}); pass a speaker id in [0, {n - 1}]")
+        if not 0 <= int(speaker) < n:
+            raise UserError(f"speaker id {speaker} is out of range; this teacher has speakers 0..{n - 1}")
+        return torch.full((batch,), int(speaker), dtype=torch.long, device=self.device)
+
+    def _cond_window(self, mel: torch.Tensor, first: int, stop: int, speaker: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample-rate conditioning ``[C, (stop-first)*hop]`` for frames ``[first, stop)`` of one mel,
+        computed from a slice with ``frame_context`` frames each side (or the utterance edge)."""
+        ctx, hop = self.frame_context, self.hop
+        lo, hi = max(0, first - ctx), min(mel.shape[1], stop + ctx)
+        if speaker is None:
+            c = self.model.cond(mel[None, :, lo:hi])
+        else:
+            c = self.model.cond(mel[None, :, lo:hi], speaker[:1])
+        return c[0, :, (first - lo) * hop : (stop - lo) * hop]
+
+    def _student(self, mels, frames, seed, rows, temperature, chunk, progress) -> list[torch.Tensor]:
+        model, hop = self.model, self.hop
+        n_max = max(frames)
+        outs: list[list[torch.Tensor]] = [[] for _ in mels]
+        for s in range(0, n_max, chunk):
+            e = min(s + chunk, n_max)
+            a = max(0, s - self.left_frames)  # first frame computed; [a, s) is history, discarded
+            active = [i for i, f in enumerate(frames) if f > s]
+            length = (e - a) * hop
+            cs, zs = [], []
+            for i in active:
+                e_i = min(e, frames[i])
+                cs.append(F.pad(self._cond_window(mels[i], a, e_i), (0, length - (e_i - a) * hop)))
+                z = _row(lambda n: model.make_noise(n, (e_i - a) * hop, seed, self.device, offset=a * hop), rows[i])
+                zs.append(F.pad(z, (0, length - z.shape[0])))
+            z = torch.stack(zs) * temperature
+            x, _, _ = model.transform(z, torch.stack(cs))
+            x = x.clamp(-1.0, 1.0)
+            done = 0
+            for k, i in enumerate(active):
+                e_i = min(e, frames[i])
+                outs[i].append(x[k, (s - a) * hop : (e_i - a) * hop])
+                done += (e_i - s) * hop
+            if progress is not None:
+                progress(done)
+        return [torch.cat(o) for o in outs]
+
+    def _teacher(self, mels, frames, seed, rows, temperature, chunk, speaker, progress) -> list[torch.Tensor]:
+        from .generation import CachedGenerator
+
+        model, hop = self.model, self.hop
+        B, n_max = len(mels), max(frames)
+        total = n_max * hop
+        gen = CachedGenerator(model)
+        cache = gen.new_cache(B)
+        dist = model.dist
+        noise = torch.full((B, dist.n_noise, total), 0.5, dtype=self.dtype, device=self.device)
+        for i, f in enumerate(frames):
+            noise[i, :, : f * hop] = _row(lambda n: model.make_noise(n, f * hop, seed, self.device, self.dtype), rows[i])
+        out = torch.zeros(B, total, dtype=self.dtype, device=self.device)
+        x_prev = torch.zeros(B, dtype=self.dtype, device=self.device)
+        ends = torch.tensor([f * hop for f in frames])
+        for s in range(0, n_max, chunk):
+            e = min(s + chunk, n_max)
+            length = (e - s) * hop
+            c = torch.zeros(B, gen.w_cond.shape[1], length, dtype=self.dtype, device=self.device)
+            for i, f in enumerate(frames):
+                if f > s:
+                    e_i = min(e, f)
+                    c[i, :, : (e_i - s) * hop] = self._cond_window(mels[i], s, e_i, speaker)
+            t0 = s * hop
+            for start in range(0, length, gen.block):
+                stop = min(length, start + gen.block)
+                cb = gen.cond_block(c, start, stop)
+                for t in range(start, stop):
+                    params = gen.step(x_prev, cb[t - start], cache)
+                    x_prev = dist.sample(params[:, :, None], noise[:, :, t0 + t : t0 + t + 1], temperature)[:, 0]
+                    out[:, t0 + t] = x_prev
+                if progress is not None:
+                    progress(int((ends.clamp(max=t0 + stop) - t0 - start).clamp(min=0).sum()))
+        return [out[i, : f * hop] for i, f in enumerate(frames)]
+
+
+def _row(make: Callable[[int], torch.Tensor], row: int) -> torch.Tensor:
+    """Row ``row`` of the noise ``make(row + 1)`` draws (rows come from one stream, in order)."""
+    return make(row + 1)[row]
+
+
+# --------------------------------------------------------------------------- the synthesize command
+
+
+class InputError(Exception):
+    """One input cannot be used; the message is a one-line reason."""
+
+
+@dataclass
+class Job:
+    source: str  # as shown to the user
+    mel: torch.Tensor
+    name: str = ""
+    out: Path | None = None
+    frames: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.frames = int(self.mel.shape[1])
+
+
+def expand_inputs(inputs: list[str]) -> list[tuple[str, Path | None, str | None]]:
+    """Inputs in order, list files expanded (relative entries resolved against the list's directory).
+
+    Each entry is ``(label, path, None)`` for an audio/.npy path, or ``(label, None, reason)`` for a
+    list file that cannot be read (or a nested list).
+    """
+    out: list[tuple[str, Path | None, str | None]] = []
+    for item in inputs:
+        p = Path(item)
+        if p.suffix.lower() not in LIST_SUFFIXES:
+            out.append((str(p), p, None))
+            continue
+        try:
+            text = p.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            out.append((item, None, "does not exist"))
+            continue
+        except IsADirectoryError:
+            out.append((item, None, "is a directory; pass audio files, .npy log-mels or a list file"))
+            continue
+        except (OSError, UnicodeDecodeError) as e:
+            out.append((item, None, f"list file cannot be read ({e.__class__.__name__}: {e})"))
+            continue
+        for line in text.splitlines():
+            entry = line.strip()
+            if not entry or entry.startswith("#"):
+                continue
+            q = Path(entry)
+            q = q if q.is_absolute() else p.parent / q
+            if q.suffix.lower() in LIST_SUFFIXES:
+                out.append((str(q), None, f"listed in {item}, but list files cannot be nested"))
+            else:
+                out.append((str(q), q, None))
+    return out
+
+
+def load_mel_input(vocoder: Vocoder, path: Path) -> torch.Tensor:
+    """Log-mel ``[n_mels, frames]`` of one input: a ``.npy`` log-mel or an audio file; :class:`InputError` if unusable."""
+    if not path.exists():
+        raise InputError("does not exist")
+    if path.is_dir():
+        raise InputError("is a directory; pass audio files, .npy log-mels or a list file")
+    if path.suffix.lower() != MEL_SUFFIX:
+        try:
+            with _native_stderr_silenced():
+                return vocoder.mel_from_audio(path)
+        except AudioError as e:
+            raise InputError(str(e)) from None
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"not a readable .npy file ({msg})") from None
+    if not isinstance(arr, np.ndarray) or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise InputError(f"holds {getattr(arr, 'dtype', type(arr).__name__)} data; expected a float log-mel [n_mels, frames]")
+    n = vocoder.n_mels
+    if arr.ndim != 2:
+        raise InputError(f"has shape {tuple(arr.shape)}; expected a log-mel [n_mels={n}, frames]")
+    if arr.shape[0] != n:
+        hint = " (transposed? the layout is [n_mels, frames])" if arr.shape[1] == n else ""
+        raise InputError(f"has {arr.shape[0]} mel channels but the checkpoint expects {n}{hint}")
+    if arr.shape[1] == 0:
+        raise InputError("empty (0 frames)")
+    if not np.isfinite(arr).all():
+        raise InputError("contains NaN or inf values")
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """Discard what C libraries write to file descriptor 2 (libmpg123 inside libsndfile prints a warning for
+    some non-audio bytes); the reason a file is unusable is reported on one line by the caller instead."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def unique_names(stems: list[str]) -> list[str]:
+    """Output names from input stems; repeats become ``name-2``, ``name-3``... never taking another stem's name."""
+    natural = set(stems)
+    used: set[str] = set()
+    out = []
+    for s in stems:
+        name, k = s, 2
+        while name in used or (name != s and name in natural):
+            name, k = f"{s}-{k}", k + 1
+        used.add(name)
+        out.append(name)
+    return out
+
+
+def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+    """Jobs sorted by length and cut into groups of ``batch_size`` (similar lengths together)."""
+    order = sorted(jobs, key=lambda j: (j.frames, j.name))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def run_synthesize(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, device: str = "cpu", seed: int = 0,
+                   temperature: float = 1.0, batch_size: int = 4, chunk_seconds: float | None = None,
+                   speaker: int | None = None) -> dict:
+    """Synthesise every usable input into ``OUT_DIR/<stem>.wav``; unusable inputs are reported and skipped.
+
+    Returns ``{"outputs", "skipped", "audio_seconds", "wall_seconds", "real_time_factor"}``.
+    """
+    from tqdm import tqdm
+
+    if not inputs:
+        raise UserError("no inputs given; pass audio files, .npy log-mels or list files")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if not 0 <= seed < MAX_SEED:
+        raise UserError(f"--seed must be in [0, {MAX_SEED}), got {seed}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0, got {temperature}")
+    if chunk_seconds is not None and not (math.isfinite(chunk_seconds) and chunk_seconds > 0):
+        raise UserError(f"--chunk-seconds must be a positive number, got {chunk_seconds}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out-dir {out_dir} exists and is not a directory; choose another --out-dir")
+
+    voc = Vocoder.load(checkpoint, device)
+    voc._speaker(speaker, 1)  # validate before any work
+    sr, hop = voc.sample_rate, voc.hop
+    chunk_frames = max(1, round(chunk_seconds * sr / hop)) if chunk_seconds else None
+
+    jobs: list[Job] = []
+    skipped: list[tuple[str, str]] = []
+    for label, p, reason in expand_inputs(inputs):
+        try:
+            if p is None:
+                raise InputError(reason)
+            jobs.append(Job(label, load_mel_input(voc, p)))
+        except InputError as e:
+            skipped.append((label, str(e)))
+    if not jobs:
+        shown = "; ".join(f"{src}: {why}" for src, why in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+        raise UserError(f"nothing to synthesize: all {len(skipped)} input(s) are unusable ({shown})")
+    for src, why in skipped:
+        print(f"skipped {src}: {why}", file=sys.stderr, flush=True)
+
+    for job, name in zip(jobs, unique_names([Path(j.source).stem for j in jobs])):
+        job.name, job.out = name, out_dir / f"{name}.wav"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(describe_os_error(e, f"--out-dir {out_dir}")) from None
+
+    total_seconds = sum(j.frames for j in jobs) * hop / sr
+    written: list[str] = []
+    done = 0.0
+    t_start = time.perf_counter()
+    with tqdm(total=round(total_seconds, 3), unit="s", desc="synthesize", file=sys.stderr, disable=None,
+              bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}{postfix}]") as bar:
+
+        def advance(samples: int) -> None:
+            nonlocal done
+            done += samples / sr
+            bar.update(samples / sr)
+            bar.set_postfix_str(f"RTF {(time.perf_counter() - t_start) / max(done, 1e-9):.3f}", refresh=False)
+
+        for group in batches(jobs, batch_size):
+            audio = voc.synthesize_items([j.mel for j in group], seed, [0] * len(group), temperature, chunk_frames,
+                                         speaker, advance)
+            for job, x in zip(group, audio):
+                try:
+                    write_wav(job.out, x, sr)
+                except OSError as e:
+                    raise UserError(describe_os_error(e, str(job.out))) from None
+                written.append(str(job.out))
+    wall = time.perf_counter() - t_start
+    rtf = wall / total_seconds
+    note = f", {len(skipped)} input(s) skipped" if skipped else ""
+    print(f"synthesized {len(written)} file(s), {total_seconds:.2f} s of audio in {wall:.2f} s "
+          f"(real-time factor {rtf:.3f}){note} -> {out_dir}", flush=True)
+    return {
+        "outputs": written,
+        "skipped": [{"input": s, "reason": r} for s, r in skipped],
+        "audio_seconds": total_seconds,
+        "wall_seconds": wall,
+        "real_time_factor": rtf,
+    }
