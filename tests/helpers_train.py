@@ -172,3 +172,121 @@ def assert_stderr_one_error(proc: subprocess.CompletedProcess, command: str) -> 
     assert len(lines) == 1, proc.stderr[-3000:]
     assert lines[0].startswith(f"wavedistill {command}: error:"), lines[0]
     return lines[0]
+
+
+# --------------------------------------------------------------------------- many CLI runs for the price of one start-up
+
+_SERVER = r"""
+import sys
+sys.path.insert(0, {tests!r})
+import helpers_train
+helpers_train._serve()
+"""
+
+
+def _warm_up() -> None:
+    """Import every command's modules and JIT-compile librosa's kernels once, before forking (no threads are started)."""
+    import importlib
+
+    import numpy as np
+
+    for name in ("wavedistill.cli", "wavedistill.prepare", "wavedistill.train_teacher", "wavedistill.distill",
+                 "wavedistill.synthesis", "wavedistill.evaluate", "wavedistill.bench", "accelerate", "tensorboard"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a command another worker has not written yet
+            pass
+    from wavedistill.audio import MelExtractor, trim_silence
+    from wavedistill.config import FeatureConfig
+
+    x = speech_like(8000, seconds=0.5)
+    trim_silence(x, 40.0)
+    import librosa
+
+    librosa.resample(x, orig_sr=44100, target_sr=8000, res_type="soxr_hq")
+    MelExtractor(FeatureConfig())(torch.from_numpy(x))
+
+
+def _serve() -> None:
+    """Read ``[{"id", "argv", "cwd", "stdout", "stderr"}, ...]`` (JSON) from stdin; run each as ``wavedistill ARGV``
+    in a forked child, ``parallel`` at a time; print ``{id: exit code}`` (JSON)."""
+    import atexit
+    import json
+    import traceback
+
+    request = json.load(sys.stdin)
+    _warm_up()
+    from wavedistill.cli import main
+
+    running: dict[int, str] = {}
+    codes: dict[str, int] = {}
+
+    def reap() -> None:
+        pid, status = os.wait()
+        codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+
+    for job in request["jobs"]:
+        while len(running) >= request["parallel"]:
+            reap()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid:
+            running[pid] = job["id"]
+            continue
+        code = 1
+        try:  # the child: exactly what `python -m wavedistill ARGV` does, with stdout and stderr sent to files
+            os.chdir(job["cwd"])
+            for fd, name in ((1, job["stdout"]), (2, job["stderr"])):
+                f = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(f, fd)
+                os.close(f)
+            sys.argv = ["wavedistill", *job["argv"]]
+            code = main(job["argv"])
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            try:
+                atexit._run_exitfuncs()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(int(code))
+    while running:
+        reap()
+    print(json.dumps(codes))
+
+
+def cli_many(jobs: list[tuple[str, list[str], Path]], workdir: Path, parallel: int = 2, timeout: float = 600
+             ) -> dict[str, subprocess.CompletedProcess]:
+    """Run many ``wavedistill ARGV`` commands, each in its own process, paying Python/torch start-up once.
+
+    A server process imports the package (and warms librosa) once, then forks one child per job that calls
+    :func:`wavedistill.cli.main` exactly as ``python -m wavedistill`` does (uncaught exceptions print a
+    traceback and exit 1).  ``jobs`` are ``(id, argv, cwd)``; returns ``{id: CompletedProcess}``.
+    """
+    import json
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = []
+    for jid, argv, cwd in jobs:
+        spec.append({"id": jid, "argv": [str(a) for a in argv], "cwd": str(cwd),
+                     "stdout": str(workdir / f"{jid}.out"), "stderr": str(workdir / f"{jid}.err")})
+    proc = subprocess.run([PYTHON, "-c", _SERVER.format(tests=str(Path(__file__).parent))],
+                          input=json.dumps({"jobs": spec, "parallel": parallel}), capture_output=True, text=True,
+                          env=child_env(), timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    codes = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {
+        s["id"]: subprocess.CompletedProcess(["wavedistill", *s["argv"]], codes[s["id"]],
+                                             Path(s["stdout"]).read_text(errors="replace"),
+                                             Path(s["stderr"]).read_text(errors="replace"))
+        for s in spec
+    }

@@ -250,3 +250,21 @@ def load_training_state(path: Path) -> dict:
         "rng": (load_tensors(sd / "rng.safetensors"), trainer["rng"]),
         "trainer": trainer,
     }
+
+
+def export_checkpoint(src: str | Path, dst: str | Path, card: str | None = None) -> Path:
+    """Copy a checkpoint's inference part (weights + config, no training state) to ``dst`` atomically."""
+    p = resolve_checkpoint(src)
+    model, _, cfg = load_model(p)  # validates everything before anything is written
+    dst = Path(dst)
+    if dst.exists() and not (dst / "model.safetensors").is_file():
+        raise UserError(f"{dst} exists and is not a checkpoint; choose a new --out")
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    try:
+        with atomic_directory(dst) as tmp:
+            write_model_dir(tmp, weights, cfg)
+            if card:
+                (tmp / "README.md").write_text(card, encoding="utf-8")
+    except OSError as e:
+        raise UserError(describe_os_error(e, f"checkpoint {dst}")) from None
+    return dst

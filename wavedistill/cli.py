@@ -34,6 +34,21 @@ def _distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .checkpoint import export_checkpoint
+
+    card = None
+    if args.card:
+        from pathlib import Path
+
+        path = Path(args.card)
+        if not path.is_file():
+            raise UserError(f"model card {path} does not exist")
+        card = path.read_text(encoding="utf-8")
+    print(export_checkpoint(args.checkpoint, args.out, card))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wavedistill", description="Probability density distillation of neural vocoders.")
     from . import __version__
@@ -67,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
     sp.add_argument("overrides", nargs="*", metavar="section.key=value")
     sp.set_defaults(func=_distill)
+
+    sp = sub.add_parser("export", help="copy a checkpoint's weights and config (no training state) for shipping")
+    sp.add_argument("--checkpoint", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--card", default=None, help="markdown model card to include as README.md")
+    sp.set_defaults(func=_export)
 
     _add_more_commands(sub)
     return p

@@ -53,7 +53,7 @@ _SOURCE = Path(__file__).resolve().parent / "csrc" / "fastgen.cpp"
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
 _LDFLAGS = ["-pthread"]
 _PAD = 16  # floats; must equal PAD in fastgen.cpp
-_ABI = 2
+_ABI = 3
 
 _lock = threading.Lock()
 _lib = None

@@ -117,14 +117,15 @@ inline vf v_tanh(vf x) {
 // sigmoid as torch's CPU kernel writes it: 1 / (1 + exp(-x)).
 inline vf v_sigmoid(vf x) { return 1.0f / (1.0f + v_exp(-x)); }
 
-// y[b, 0:NV·VW] = bias + Σ_i x[b, i] · W[i, 0:NV·VW] for NB batch rows.
-template <int NB, int NV>
+// y[b, 0:NV·VW] (+)= bias + Σ_i x[b, i] · W[i, 0:NV·VW] for NB batch rows; with ACC the
+// accumulators start from y instead of the bias.
+template <int NB, int NV, bool ACC>
 inline void mv_tile(const float* __restrict W, int64_t ldw, int64_t nin, const float* __restrict x, int64_t ldx,
                     const float* __restrict bias, float* __restrict y, int64_t ldy) {
   vf acc[NB][NV];
   for (int v = 0; v < NV; ++v) {
     vf b0 = bias ? ld(bias + v * VW) : bc(0.0f);
-    for (int b = 0; b < NB; ++b) acc[b][v] = b0;
+    for (int b = 0; b < NB; ++b) acc[b][v] = ACC ? ld(y + b * ldy + v * VW) : b0;
   }
   for (int64_t i = 0; i < nin; ++i) {
     const float* w = W + i * ldw;
@@ -139,7 +140,7 @@ inline void mv_tile(const float* __restrict W, int64_t ldw, int64_t nin, const f
     for (int v = 0; v < NV; ++v) st(y + b * ldy + v * VW, acc[b][v]);
 }
 
-template <int NB>
+template <int NB, bool ACC>
 inline void mv_rows(const float* W, int64_t ldw, int64_t nin, int64_t nout, const float* x, int64_t ldx,
                     const float* bias, float* y, int64_t ldy) {
   // Accumulator tiles sized to the register file (32 zmm with AVX-512, 16 ymm otherwise).
@@ -148,7 +149,7 @@ inline void mv_rows(const float* W, int64_t ldw, int64_t nin, int64_t nout, cons
   auto tile = [&](auto nv_tag) {
     constexpr int NV = decltype(nv_tag)::value;
     while (nout - j >= NV * VW) {
-      mv_tile<NB, NV>(W + j, ldw, nin, x, ldx, bias ? bias + j : nullptr, y + j, ldy);
+      mv_tile<NB, NV, ACC>(W + j, ldw, nin, x, ldx, bias ? bias + j : nullptr, y + j, ldy);
       j += NV * VW;
     }
   };
@@ -158,24 +159,46 @@ inline void mv_rows(const float* W, int64_t ldw, int64_t nin, int64_t nout, cons
   if constexpr (MAXV > 1) tile(std::integral_constant<int, 1>{});
 }
 
-// y[b, 0:nout] = bias + x[b, 0:nin] @ W[0:nin, 0:nout] for b < nb; nout a multiple of VW.
+// y[b, 0:nout] = bias + x[b, 0:nin] @ W[0:nin, 0:nout] for b < nb (y += x @ W with
+// accumulate); nout a multiple of VW.
+template <bool ACC = false>
 void matvec(const float* W, int64_t ldw, int64_t nin, int64_t nout, const float* x, int64_t ldx, int64_t nb,
             const float* bias, float* y, int64_t ldy) {
   if (nout <= 0) return;
   int64_t b = 0;
-  for (; nb - b >= 4; b += 4) mv_rows<4>(W, ldw, nin, nout, x + b * ldx, ldx, bias, y + b * ldy, ldy);
-  for (; nb - b >= 2; b += 2) mv_rows<2>(W, ldw, nin, nout, x + b * ldx, ldx, bias, y + b * ldy, ldy);
-  for (; b < nb; ++b) mv_rows<1>(W, ldw, nin, nout, x + b * ldx, ldx, bias, y + b * ldy, ldy);
+  for (; nb - b >= 4; b += 4) mv_rows<4, ACC>(W, ldw, nin, nout, x + b * ldx, ldx, bias, y + b * ldy, ldy);
+  for (; nb - b >= 2; b += 2) mv_rows<2, ACC>(W, ldw, nin, nout, x + b * ldx, ldx, bias, y + b * ldy, ldy);
+  for (; b < nb; ++b) mv_rows<1, ACC>(W, ldw, nin, nout, x + b * ldx, ldx, bias, y + b * ldy, ldy);
 }
 
-// Sense-counting barrier for two (or a few) threads: spin briefly, then yield
-// (the machine may be shared, and a descheduled partner must not cost a whole
-// time slice of spinning).
+// Y[r, :] = X[r, :] @ W for r < nrows (no bias); column tiles outermost so that a
+// tile of W stays in L1 while every row is multiplied by it.
+void matmul(const float* W, int64_t ldw, int64_t nin, int64_t nout, const float* X, int64_t ldx, int64_t nrows,
+            float* Y, int64_t ldy) {
+  constexpr int NVT = 4;
+  int64_t j = 0;
+  for (; nout - j >= NVT * VW; j += NVT * VW) {
+    int64_t r = 0;
+    for (; nrows - r >= 4; r += 4)
+      mv_tile<4, NVT, false>(W + j, ldw, nin, X + r * ldx, ldx, nullptr, Y + r * ldy + j, ldy);
+    for (; r < nrows; ++r) mv_tile<1, NVT, false>(W + j, ldw, nin, X + r * ldx, ldx, nullptr, Y + r * ldy + j, ldy);
+  }
+  for (; j < nout; j += VW) {
+    int64_t r = 0;
+    for (; nrows - r >= 4; r += 4)
+      mv_tile<4, 1, false>(W + j, ldw, nin, X + r * ldx, ldx, nullptr, Y + r * ldy + j, ldy);
+    for (; r < nrows; ++r) mv_tile<1, 1, false>(W + j, ldw, nin, X + r * ldx, ldx, nullptr, Y + r * ldy + j, ldy);
+  }
+}
+
+// Counting barrier for a small team: spin briefly, then yield (the machine may be
+// shared, and a descheduled partner must not cost a whole time slice of spinning).
 struct Barrier {
   alignas(64) std::atomic<int> count{0};
   alignas(64) std::atomic<int> gen{0};
   int n = 1;
   void wait() {
+    if (n <= 1) return;
     int g = gen.load(std::memory_order_acquire);
     if (count.fetch_add(1, std::memory_order_acq_rel) == n - 1) {
       count.store(0, std::memory_order_relaxed);
@@ -203,61 +226,51 @@ enum Cfg {
 constexpr int PER_LAYER = 5;
 constexpr int64_t CT = 32;  // steps per conditioning chunk (CT·L·G floats stay in L2)
 
-// Y[r, :] = X[r, :] @ W for r < nrows (no bias); column tiles outermost so that a
-// tile of W stays in L1 while every row is multiplied by it.
-void matmul(const float* W, int64_t ldw, int64_t nin, int64_t nout, const float* X, int64_t ldx, int64_t nrows,
-            float* Y, int64_t ldy) {
-  constexpr int NVT = 4;
-  int64_t j = 0;
-  for (; nout - j >= NVT * VW; j += NVT * VW) {
-    int64_t r = 0;
-    for (; nrows - r >= 4; r += 4) mv_tile<4, NVT>(W + j, ldw, nin, X + r * ldx, ldx, nullptr, Y + r * ldy + j, ldy);
-    for (; r < nrows; ++r) mv_tile<1, NVT>(W + j, ldw, nin, X + r * ldx, ldx, nullptr, Y + r * ldy + j, ldy);
-  }
-  for (; j < nout; j += VW) {
-    int64_t r = 0;
-    for (; nrows - r >= 4; r += 4) mv_tile<4, 1>(W + j, ldw, nin, X + r * ldx, ldx, nullptr, Y + r * ldy + j, ldy);
-    for (; r < nrows; ++r) mv_tile<1, 1>(W + j, ldw, nin, X + r * ldx, ldx, nullptr, Y + r * ldy + j, ldy);
-  }
-}
-
+// Everything a call shares.  Batch rows are split between teams (independent
+// streams, no synchronisation); within a team, threads split the gated channels
+// of every layer and meet at one barrier per layer.
 struct Ctx {
   const float* wts;
   const int64_t* cfg;
-  float** bufs;
+  float* const* bufs;   // ring buffers, [(k-1)·d, B, R] each
   int64_t B, Tb, t0;
   const float* cin;     // conditioning features c[b*csb + ch*csc + tl*cst]
   int64_t csb, csc, cst;
-  float* ctr;           // scratch [CT, B, C]: a chunk of c, transposed
-  float* cond;          // scratch [CT, B, LGp]: conditioning projections of the chunk
   const float* noise;   // [Tb, B, NN]
   float* x_prev;        // [B]
-  float* out;           // out[b*osb + t*ost]
+  float* out;           // out[b*osb + tl*ost]
   int64_t osb, ost;
   float temperature, log_scale_min, skip_scale, sqrt_half;
   float* params_out;    // [Tb, B, P] or null
-  float* opart;         // [nthreads, 2, B, Rp+Sp] partial residual/skip outputs
-  int nthreads;
-  Barrier* bar;
 };
 
-void sample_step(const Ctx& c, int64_t tl, const float* params, int64_t Pp) {
+struct Team {
+  int64_t b0, nb;       // batch rows [b0, b0+nb)
+  int size;
+  Barrier bar;
+  std::vector<float> opart;  // [size, 2, nb, Rp+Sp] partial residual/skip outputs
+  std::vector<float> ctr;    // [CT, nb, C] a chunk of c, transposed (lead only)
+  std::vector<float> cond;   // [CT, nb, LGp] conditioning projections of the chunk
+};
+
+void sample_step(const Ctx& c, const Team& team, int64_t tl, const float* params, int64_t Pp) {
   const int64_t* cfg = c.cfg;
   const int64_t B = c.B, K = cfg[C_MIX], NN = cfg[C_NN], P = cfg[C_P];
   const bool mol = cfg[C_DIST] == 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const float* pr = params + b * Pp;
+  for (int64_t r = 0; r < team.nb; ++r) {
+    const int64_t b = team.b0 + r;
+    const float* pr = params + r * Pp;
     const float* nz = c.noise + (tl * B + b) * NN;
     float x;
     if (mol) {
-      // argmax(logits + gumbel): first maximum, as torch.argmax.
+      // argmax(logits + gumbel): the first maximum, as torch.argmax.
       int64_t best = 0;
       float bv = pr[0] + nz[0];
-      for (int64_t k = 1; k < K; ++k) {
-        float v = pr[k] + nz[k];
+      for (int64_t q = 1; q < K; ++q) {
+        float v = pr[q] + nz[q];
         if (v > bv) {
           bv = v;
-          best = k;
+          best = q;
         }
       }
       float m = pr[K + best];
@@ -271,47 +284,48 @@ void sample_step(const Ctx& c, int64_t tl, const float* params, int64_t Pp) {
     }
     x = std::min(std::max(x, -1.0f), 1.0f);
     c.x_prev[b] = x;
-    c.out[b * c.osb + (tl)*c.ost] = x;
+    c.out[b * c.osb + tl * c.ost] = x;
     if (c.params_out) std::memcpy(c.params_out + (tl * B + b) * P, pr, sizeof(float) * P);
   }
 }
 
-void worker(const Ctx& c, int p) {
+void worker(const Ctx& c, Team& team, int p) {
   const int64_t* cfg = c.cfg;
   const int64_t L = cfg[C_L], k = cfg[C_K], R = cfg[C_R], Rp = cfg[C_RP], G = cfg[C_G], H = cfg[C_H],
-                Hp = cfg[C_HP], Sp = cfg[C_SP], Pp = cfg[C_PP];
-  const int64_t Gp = 2 * Hp, kRp = k * Rp, RSp = Rp + Sp, B = c.B;
+                Hp = cfg[C_HP], Sp = cfg[C_SP], Pp = cfg[C_PP], C = cfg[C_C], LGp = cfg[C_LGP];
+  const int64_t Gp = 2 * Hp, RSp = Rp + Sp, B = c.B, b0 = team.b0, nb = team.nb;
   const float* w = c.wts;
-  const int np = c.nthreads;
+  const int np = team.size;
   const bool lead = p == 0;
 
   // This thread's share of the gated channels (whole vectors).
   const int64_t nhv = Hp / VW;
   const int64_t j0 = (nhv * p) / np * VW, j1 = (nhv * (p + 1)) / np * VW, nj = j1 - j0;
 
-  std::vector<float> xin(B * kRp, 0.0f), g(B * Gp, 0.0f), z(B * Hp, 0.0f), h(B * Rp, 0.0f), osum(B * RSp, 0.0f),
-      skip(B * Sp, 0.0f), s0(B * Sp, 0.0f), s1(B * Sp, 0.0f), params(B * Pp, 0.0f);
+  std::vector<float> g(nb * Gp, 0.0f), z(nb * Hp, 0.0f), h(nb * Rp, 0.0f), osum(nb * RSp, 0.0f),
+      skip(nb * Sp, 0.0f), s0(nb * Sp, 0.0f), s1(nb * Sp, 0.0f), params(nb * Pp, 0.0f);
   const float* w_in = w + cfg[C_OFF_WIN];
   const float* b_in = w + cfg[C_OFF_BIN];
   const float c_half = c.sqrt_half;
+  float* cond = team.cond.data();
 
-  const int64_t C = cfg[C_C], LGp = cfg[C_LGP];
   for (int64_t tl = 0; tl < c.Tb; ++tl) {
     const int64_t t = c.t0 + tl;
     if (tl % CT == 0) {  // conditioning projections of all layers for the next CT steps
       if (lead) {
         const int64_t n = std::min(CT, c.Tb - tl);
+        float* ctr = team.ctr.data();
         for (int64_t q = 0; q < n; ++q)
-          for (int64_t b = 0; b < B; ++b)
+          for (int64_t r = 0; r < nb; ++r)
             for (int64_t ch = 0; ch < C; ++ch)
-              c.ctr[(q * B + b) * C + ch] = c.cin[b * c.csb + ch * c.csc + (tl + q) * c.cst];
-        matmul(w + cfg[C_OFF_WC], LGp, C, LGp, c.ctr, C, n * B, c.cond, LGp);
+              ctr[(q * nb + r) * C + ch] = c.cin[(b0 + r) * c.csb + ch * c.csc + (tl + q) * c.cst];
+        matmul(w + cfg[C_OFF_WC], LGp, C, LGp, ctr, C, n * nb, cond, LGp);
       }
-      if (np > 1) c.bar->wait();
+      team.bar.wait();
     }
-    for (int64_t b = 0; b < B; ++b) {
-      const vf xp = bc(c.x_prev[b]);
-      for (int64_t v = 0; v < Rp; v += VW) st(&h[b * Rp + v], xp * ld(w_in + v) + ld(b_in + v));
+    for (int64_t r = 0; r < nb; ++r) {
+      const vf xp = bc(c.x_prev[b0 + r]);
+      for (int64_t v = 0; v < Rp; v += VW) st(&h[r * Rp + v], xp * ld(w_in + v) + ld(b_in + v));
     }
     for (int64_t l = 0; l < L; ++l) {
       const int64_t* lc = cfg + C_FIXED + PER_LAYER * l;
@@ -321,75 +335,79 @@ void worker(const Ctx& c, int p) {
       const float* Wo = w + lc[3];
       const float* bo = w + lc[4];
       float* buf = c.bufs[l];
-      // Gate input: taps from the ring buffer (oldest first), then the current h.
-      for (int64_t b = 0; b < B; ++b) {
-        float* xb = &xin[b * kRp];
-        for (int64_t j = 0; j < k - 1; ++j) {
-          int64_t slot = ((t - (k - 1 - j) * d) % m + m) % m;
-          std::memcpy(xb + j * Rp, buf + (slot * B + b) * R, sizeof(float) * R);
-        }
-        std::memcpy(xb + (k - 1) * Rp, &h[b * Rp], sizeof(float) * Rp);
-      }
-      // Warm the cache for this layer's taps at the next step (the weights stream
-      // sequentially and the hardware prefetches them).
+      // Warm the cache for this layer's oldest tap at the next step (the weights
+      // stream sequentially and the hardware prefetches them).
       if (tl + 1 < c.Tb) {
         const int64_t slot = ((t + 1 - (k - 1) * d) % m + m) % m;
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t q = 0; q < R; q += 16) __builtin_prefetch(buf + (slot * B + b) * R + q, 0, 1);
-      }
-      if (nj == Hp) {  // all gated channels: one product over the full gate width
-        matvec(Wg, Gp, kRp, Gp, xin.data(), kRp, B, bg, g.data(), Gp);
-      } else if (nj > 0) {
-        matvec(Wg + j0, Gp, kRp, nj, xin.data(), kRp, B, bg + j0, &g[j0], Gp);
-        matvec(Wg + Hp + j0, Gp, kRp, nj, xin.data(), kRp, B, bg + Hp + j0, &g[Hp + j0], Gp);
+        const float* pf = buf + (slot * B + b0) * R;
+        for (int64_t q = 0; q < nb * R; q += 16) __builtin_prefetch(pf + q, 0, 1);
       }
       if (nj > 0) {
-        const float* cl = c.cond + (tl % CT) * B * LGp + l * G;
+        // Gate: taps read in place from the ring buffer (oldest first), then the current h.
+        // All gated channels in one product when this thread owns them all.
+        const int64_t cols[2][2] = {{j0, nj}, {Hp + j0, nj}};
+        const int nparts = nj == Hp ? 1 : 2;
+        for (int part = 0; part < nparts; ++part) {
+          const int64_t col = cols[part][0], ncol = nparts == 1 ? Gp : nj;
+          for (int64_t j = 0; j < k - 1; ++j) {
+            const int64_t slot = ((t - (k - 1 - j) * d) % m + m) % m;
+            const float* x = buf + (slot * B + b0) * R;
+            if (j == 0)
+              matvec<false>(Wg + j * Rp * Gp + col, Gp, R, ncol, x, R, nb, bg + col, &g[col], Gp);
+            else
+              matvec<true>(Wg + j * Rp * Gp + col, Gp, R, ncol, x, R, nb, nullptr, &g[col], Gp);
+          }
+          matvec<true>(Wg + (k - 1) * Rp * Gp + col, Gp, R, ncol, h.data(), Rp, nb, nullptr, &g[col], Gp);
+        }
+        const float* cl = cond + (tl % CT) * nb * LGp + l * G;
         const int64_t jc = std::min(j1, H);
-        for (int64_t b = 0; b < B; ++b) {
-          const float* cb = cl + b * LGp;
-          float* gb = &g[b * Gp];
+        for (int64_t r = 0; r < nb; ++r) {
+          const float* cb = cl + r * LGp;
+          float* gb = &g[r * Gp];
           for (int64_t j = j0; j < jc; ++j) {
             gb[j] += cb[j];
             gb[Hp + j] += cb[H + j];
           }
-          for (int64_t j = j0; j < j1; j += VW) st(&z[b * Hp + j], v_tanh(ld(gb + j)) * v_sigmoid(ld(gb + Hp + j)));
+          for (int64_t j = j0; j < j1; j += VW) st(&z[r * Hp + j], v_tanh(ld(gb + j)) * v_sigmoid(ld(gb + Hp + j)));
         }
       }
       // Residual/skip outputs from this thread's channels (the lead thread adds the bias).
-      float* op = c.opart + ((int64_t)(p * 2 + (l & 1)) * B) * RSp;
-      matvec(Wo + j0 * RSp, RSp, nj, RSp, &z[j0], Hp, B, lead ? bo : nullptr, op, RSp);
+      float* op = team.opart.data() + (int64_t)(p * 2 + (l & 1)) * nb * RSp;
+      matvec<false>(Wo + j0 * RSp, RSp, nj, RSp, &z[j0], Hp, nb, lead ? bo : nullptr, op, RSp);
       const float* o = op;
       if (np > 1) {
-        c.bar->wait();
+        team.bar.wait();
         o = osum.data();
-        for (int64_t i = 0; i < B * RSp; i += VW) {
-          vf acc = ld(c.opart + ((int64_t)(0 * 2 + (l & 1)) * B) * RSp + i);
-          for (int q = 1; q < np; ++q) acc += ld(c.opart + ((int64_t)(q * 2 + (l & 1)) * B) * RSp + i);
+        for (int64_t i = 0; i < nb * RSp; i += VW) {
+          vf acc = ld(team.opart.data() + (int64_t)(l & 1) * nb * RSp + i);
+          for (int q = 1; q < np; ++q) acc += ld(team.opart.data() + (int64_t)(q * 2 + (l & 1)) * nb * RSp + i);
           st(&osum[i], acc);
         }
       }
-      if (lead)
-        for (int64_t b = 0; b < B; ++b) std::memcpy(buf + ((t % m) * B + b) * R, &h[b * Rp], sizeof(float) * R);
-      for (int64_t b = 0; b < B; ++b) {
-        for (int64_t v = 0; v < Rp; v += VW) st(&h[b * Rp + v], ld(&h[b * Rp + v]) * c_half + ld(o + b * RSp + v));
+      // Every thread has read its taps (the barrier above), so the slot can be overwritten.
+      if (lead) {
+        float* dst = buf + ((t % m) * B + b0) * R;
+        for (int64_t r = 0; r < nb; ++r) std::memcpy(dst + r * R, &h[r * Rp], sizeof(float) * R);
+      }
+      for (int64_t r = 0; r < nb; ++r) {
+        for (int64_t v = 0; v < Rp; v += VW) st(&h[r * Rp + v], ld(&h[r * Rp + v]) * c_half + ld(o + r * RSp + v));
         if (lead) {
           for (int64_t v = 0; v < Sp; v += VW) {
-            vf ov = ld(o + b * RSp + Rp + v);
-            st(&skip[b * Sp + v], l == 0 ? ov : ld(&skip[b * Sp + v]) + ov);
+            vf ov = ld(o + r * RSp + Rp + v);
+            st(&skip[r * Sp + v], l == 0 ? ov : ld(&skip[r * Sp + v]) + ov);
           }
         }
       }
     }
     if (lead) {
       const vf zero = bc(0.0f);
-      for (int64_t i = 0; i < B * Sp; i += VW) st(&s0[i], vmax(ld(&skip[i]) * c.skip_scale, zero));
-      matvec(w + cfg[C_OFF_H1W], Sp, Sp, Sp, s0.data(), Sp, B, w + cfg[C_OFF_H1B], s1.data(), Sp);
-      for (int64_t i = 0; i < B * Sp; i += VW) st(&s1[i], vmax(ld(&s1[i]), zero));
-      matvec(w + cfg[C_OFF_H2W], Pp, Sp, Pp, s1.data(), Sp, B, w + cfg[C_OFF_H2B], params.data(), Pp);
-      sample_step(c, tl, params.data(), Pp);
+      for (int64_t i = 0; i < nb * Sp; i += VW) st(&s0[i], vmax(ld(&skip[i]) * c.skip_scale, zero));
+      matvec(w + cfg[C_OFF_H1W], Sp, Sp, Sp, s0.data(), Sp, nb, w + cfg[C_OFF_H1B], s1.data(), Sp);
+      for (int64_t i = 0; i < nb * Sp; i += VW) st(&s1[i], vmax(ld(&s1[i]), zero));
+      matvec(w + cfg[C_OFF_H2W], Pp, Sp, Pp, s1.data(), Sp, nb, w + cfg[C_OFF_H2B], params.data(), Pp);
+      sample_step(c, team, tl, params.data(), Pp);
     }
-    if (np > 1) c.bar->wait();  // the next step needs x_prev
+    team.bar.wait();  // the next step needs x_prev
   }
 }
 
@@ -397,38 +415,47 @@ void worker(const Ctx& c, int p) {
 
 extern "C" {
 
-int fg_abi_version() { return 2; }
+int fg_abi_version() { return 3; }
 int fg_vector_width() { return VW; }
 
-// Runs Tb steps starting at absolute step t0.  Returns 0, or a negative code
-// for an invalid configuration.  bufs: int64 addresses of the L ring buffers.
+// Runs Tb steps starting at absolute step t0, updating the ring buffers and
+// x_prev in place.  `threads` threads: batch rows are split between min(threads, B)
+// independent teams; leftover threads (B < threads) split each team's gated
+// channels.  Returns 0, or a negative code for an invalid configuration.
+// bufs: int64 addresses of the L ring buffers.
 int fg_run(const float* wts, const int64_t* cfg, const int64_t* bufs, int64_t B, int64_t Tb, int64_t t0,
-           const float* cin, int64_t csb, int64_t csc, int64_t cst, const float* noise, float* x_prev, float* out, int64_t osb, int64_t ost,
-           float temperature, float log_scale_min, float skip_scale, float sqrt_half, int64_t threads,
-           float* params_out) {
+           const float* cin, int64_t csb, int64_t csc, int64_t cst, const float* noise, float* x_prev, float* out,
+           int64_t osb, int64_t ost, float temperature, float log_scale_min, float skip_scale, float sqrt_half,
+           int64_t threads, float* params_out) {
   const int64_t L = cfg[C_L], k = cfg[C_K];
   if (cfg[C_RP] % VW || cfg[C_HP] % VW || cfg[C_SP] % VW || cfg[C_PP] % VW || cfg[C_LGP] % VW) return -1;
-  if (k < 2 || L < 1 || B < 1) return -2;
+  if (k < 2 || L < 1 || B < 1 || Tb < 0) return -2;
   if (cfg[C_DIST] == 0 && cfg[C_NN] != cfg[C_MIX] + 1) return -3;
-  const int64_t nhv = cfg[C_HP] / VW;
-  int np = (int)std::max<int64_t>(1, std::min<int64_t>(threads, nhv));
+  if (Tb == 0) return 0;
+  threads = std::max<int64_t>(1, std::min<int64_t>(threads, 256));
+  const int64_t nteams = std::min(threads, B);
+  const int64_t per_team = std::max<int64_t>(1, std::min<int64_t>(threads / nteams, cfg[C_HP] / VW));
   std::vector<float*> bp(L);
   for (int64_t l = 0; l < L; ++l) bp[l] = reinterpret_cast<float*>(static_cast<intptr_t>(bufs[l]));
-  const int64_t RSp = cfg[C_RP] + cfg[C_SP];
-  std::vector<float> opart((size_t)np * 2 * B * RSp, 0.0f);
-  std::vector<float> ctr((size_t)CT * B * cfg[C_C]), cond((size_t)CT * B * cfg[C_LGP]);
-  Barrier bar;
-  bar.n = np;
-  Ctx c{wts, cfg, bp.data(), B, Tb, t0, cin, csb, csc, cst, ctr.data(), cond.data(), noise, x_prev, out, osb, ost, temperature, log_scale_min,
-        skip_scale, sqrt_half, params_out, opart.data(), np, &bar};
-  if (np == 1) {
-    worker(c, 0);
-    return 0;
+  const Ctx c{wts, cfg, bp.data(), B, Tb, t0, cin, csb, csc, cst, noise, x_prev, out, osb, ost,
+              temperature, log_scale_min, skip_scale, sqrt_half, params_out};
+  std::vector<Team> teams(nteams);
+  for (int64_t i = 0; i < nteams; ++i) {
+    Team& tm = teams[i];
+    tm.b0 = B * i / nteams;
+    tm.nb = B * (i + 1) / nteams - tm.b0;
+    tm.size = (int)per_team;
+    tm.bar.n = tm.size;
+    tm.opart.assign((size_t)tm.size * 2 * tm.nb * (cfg[C_RP] + cfg[C_SP]), 0.0f);
+    tm.ctr.assign((size_t)CT * tm.nb * cfg[C_C], 0.0f);
+    tm.cond.assign((size_t)CT * tm.nb * cfg[C_LGP], 0.0f);
   }
-  std::vector<std::thread> team;
-  for (int p = 1; p < np; ++p) team.emplace_back(worker, std::cref(c), p);
-  worker(c, 0);
-  for (auto& th : team) th.join();
+  std::vector<std::thread> pool;
+  for (int64_t i = 0; i < nteams; ++i)
+    for (int p = 0; p < teams[i].size; ++p)
+      if (i || p) pool.emplace_back(worker, std::cref(c), std::ref(teams[i]), p);
+  worker(c, teams[0], 0);
+  for (auto& th : pool) th.join();
   return 0;
 }
 
