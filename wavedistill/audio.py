@@ -8,6 +8,10 @@ never normalised: levels are the recording's own.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import os
+
 import io
 from pathlib import Path
 
@@ -31,6 +35,26 @@ def _soundfile_reason(e: Exception) -> str:
     return msg.rstrip(".")
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """Discard what C libraries write to file descriptor 2 (libmpg123 inside libsndfile prints a warning for
+    some non-audio bytes); the reason a file is unusable is reported on one line by the caller instead."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def load_audio(path: str | Path, sample_rate: int, max_seconds: float | None = None) -> np.ndarray:
     """Read ``path`` as float32 mono at ``sample_rate`` Hz (1-D array).
 
@@ -40,7 +64,7 @@ def load_audio(path: str | Path, sample_rate: int, max_seconds: float | None = N
     that are unreadable, empty, too long or contain non-finite samples.
     """
     try:
-        with sf.SoundFile(str(path)) as f:
+        with native_stderr_silenced(), sf.SoundFile(str(path)) as f:
             frames, rate = f.frames, f.samplerate
             if max_seconds is not None and frames > max_seconds * rate:
                 raise AudioError(f"too long: {frames / rate:.1f} s, limit is {max_seconds:g} s")

@@ -48,9 +48,13 @@ def wavenet_layer_flops(kernel: int, residual: int, gate: int, skip: int, cond: 
 
 
 def wavenet_flops(layers: int, kernel: int, residual: int, gate: int, skip: int, cond: int, out_channels: int) -> int:
-    """A whole WaveNet per sample: 1→R input, the layers, and the two 1×1 head layers."""
+    """A whole WaveNet per sample: 1→R input, the layers, and the two 1×1 head layers.
+
+    With a skip stack the last layer has no residual projection (its output would never be read).
+    """
     head_in = skip if skip > 0 else residual
-    return (2 * residual + layers * wavenet_layer_flops(kernel, residual, gate, skip, cond)
+    unused_res = 2 * (gate // 2) * residual if skip > 0 else 0
+    return (2 * residual + layers * wavenet_layer_flops(kernel, residual, gate, skip, cond) - unused_res
             + 2 * head_in * head_in + 2 * head_in * out_channels)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 
 import dataclasses
-import time
 from pathlib import Path
 
 import torch

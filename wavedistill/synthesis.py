@@ -10,8 +10,8 @@ one unchunked pass.
   ``ceil(receptive_field/hop)+1`` frames of extra output on the left that are
   thrown away, so the causal flows have their full history.  Noise is
   positional (sample ``t`` is fixed by ``(seed, t)``), so chunks agree.
-* Teacher: one generation cache and the previous sample are carried from chunk
-  to chunk; conditioning is computed per chunk with frame context on both
+* Teacher: one generation cache (ring buffers and the previous sample) is
+  carried from chunk to chunk by ``CachedGenerator.run``; conditioning is computed per chunk with frame context on both
   sides; the noise for the whole utterance is drawn once from the seed.
 
 Noise rows: item ``i`` of a ``[B, n_mels, F]`` batch uses row ``i`` of the
@@ -25,9 +25,7 @@ only on the checkpoint, its mel and the seed, not on how it was batched.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import secrets
 import sys
 import time
@@ -258,34 +256,31 @@ class Vocoder:
 
         model, hop = self.model, self.hop
         B, n_max = len(mels), max(frames)
-        total = n_max * hop
         gen = CachedGenerator(model)
-        cache = gen.new_cache(B)
-        dist = model.dist
-        noise = torch.full((B, dist.n_noise, total), 0.5, dtype=self.dtype, device=self.device)
+        cache = gen.new_cache(B)  # ring buffers and the previous sample carry over from chunk to chunk
+        noise = torch.full((B, model.dist.n_noise, n_max * hop), 0.5, dtype=self.dtype, device=self.device)
         for i, f in enumerate(frames):
             noise[i, :, : f * hop] = _row(lambda n: model.make_noise(n, f * hop, seed, self.device, self.dtype), rows[i])
-        out = torch.zeros(B, total, dtype=self.dtype, device=self.device)
-        x_prev = torch.zeros(B, dtype=self.dtype, device=self.device)
         ends = torch.tensor([f * hop for f in frames])
+        pos = 0
+
+        def advance(n: int) -> None:  # count only samples inside each item's length
+            nonlocal pos
+            valid = int((ends.clamp(max=pos + n) - pos).clamp(min=0).sum())
+            pos += n
+            if progress is not None:
+                progress(valid)
+
+        outs = []
         for s in range(0, n_max, chunk):
             e = min(s + chunk, n_max)
-            length = (e - s) * hop
-            c = torch.zeros(B, gen.w_cond.shape[1], length, dtype=self.dtype, device=self.device)
+            c = torch.zeros(B, model.cfg.cond_channels, (e - s) * hop, dtype=self.dtype, device=self.device)
             for i, f in enumerate(frames):
                 if f > s:
                     e_i = min(e, f)
                     c[i, :, : (e_i - s) * hop] = self._cond_window(mels[i], s, e_i, speaker)
-            t0 = s * hop
-            for start in range(0, length, gen.block):
-                stop = min(length, start + gen.block)
-                cb = gen.cond_block(c, start, stop)
-                for t in range(start, stop):
-                    params = gen.step(x_prev, cb[t - start], cache)
-                    x_prev = dist.sample(params[:, :, None], noise[:, :, t0 + t : t0 + t + 1], temperature)[:, 0]
-                    out[:, t0 + t] = x_prev
-                if progress is not None:
-                    progress(int((ends.clamp(max=t0 + stop) - t0 - start).clamp(min=0).sum()))
+            outs.append(gen.run(c, noise[:, :, s * hop : e * hop], temperature, cache, progress=advance))
+        out = torch.cat(outs, dim=1)
         return [out[i, : f * hop] for i, f in enumerate(frames)]
 
 
@@ -357,8 +352,7 @@ def load_mel_input(vocoder: Vocoder, path: Path) -> torch.Tensor:
         raise InputError("is a directory; pass audio files, .npy log-mels or a list file")
     if path.suffix.lower() != MEL_SUFFIX:
         try:
-            with _native_stderr_silenced():
-                return vocoder.mel_from_audio(path)
+            return vocoder.mel_from_audio(path)
         except AudioError as e:
             raise InputError(str(e)) from None
     try:
@@ -379,26 +373,6 @@ def load_mel_input(vocoder: Vocoder, path: Path) -> torch.Tensor:
     if not np.isfinite(arr).all():
         raise InputError("contains NaN or inf values")
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced():
-    """Discard what C libraries write to file descriptor 2 (libmpg123 inside libsndfile prints a warning for
-    some non-audio bytes); the reason a file is unusable is reported on one line by the caller instead."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
 
 
 def unique_names(stems: list[str]) -> list[str]:

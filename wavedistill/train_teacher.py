@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .config import load_config
 from .distributions import quantize
 from .data import FeatureCache
-from .errors import NonFiniteError, UserError
+from .errors import UserError
 from .teacher import Teacher
 from .training import (
     EMA,
