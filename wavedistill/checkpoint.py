@@ -150,10 +150,13 @@ def prune_checkpoints(root: Path, keep: int) -> None:
             protected.add(os.readlink(link))
     for p in steps[: max(0, len(steps) - keep)]:
         if p.name not in protected:
-            shutil.rmtree(p, ignore_errors=True)
+            gone = root / f".{p.name}.del"
+            os.replace(p, gone)
+            shutil.rmtree(gone, ignore_errors=True)
     # leftovers of interrupted writes
-    for p in root.glob(".step-*.tmp"):
-        shutil.rmtree(p, ignore_errors=True)
+    for pat in (".step-*.tmp", ".step-*.del", ".step-*.old"):
+        for p in root.glob(pat):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- reading

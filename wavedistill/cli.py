@@ -104,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except BaseException:
+            from tqdm import tqdm
+            for bar in list(getattr(tqdm, "_instances", [])):
+                bar.close()
+            raise
     except UserError as e:
         msg = " ".join(str(e).split())
         print(f"wavedistill {args.command}: error: {msg}", file=sys.stderr)

@@ -368,7 +368,7 @@ def config_from_dict(data: Any) -> Config:
 def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist; pass a YAML file such as recipes/demo/teacher.yaml")
+        raise UserError(f"config file {path} does not exist; pass a YAML file such as recipes/demo/conf/teacher.yaml")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:

@@ -85,6 +85,8 @@ class FeatureCache:
                 f"{path} has audio {tuple(audio.shape)} and mel {tuple(mel.shape)}, which do not match "
                 f"n_mels={fc.n_mels}, hop_length={fc.hop_length}; re-run prepare"
             )
+        if not (torch.isfinite(audio).all() and torch.isfinite(mel).all()):
+            raise UserError(f"{path} holds NaN or inf values; re-run prepare")
         return audio.float(), mel.float()
 
     def mel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -138,10 +138,14 @@ def distill(config_path, teacher_path, data, out, overrides=None, max_steps=None
             k = run.step * tc.grad_accum + micro
             audio, mel = sampler.batch(k, tc.batch_size, rank, world)
             audio, mel = audio.to(acc.device), mel.to(acc.device)
-            g = _step_generator(tc.seed, k, rank)
-            z = raw.noise_from_uniform(torch.rand(audio.shape, generator=g, dtype=torch.float64)).float().to(acc.device)
+            # noise for the whole global batch from one generator; each rank keeps its rows
+            g = _step_generator(tc.seed, k, 0)
+            per = tc.batch_size // world
+            rows = (rank * per, tc.batch_size)
+            u = torch.rand((tc.batch_size, audio.shape[1]), generator=g, dtype=torch.float64)[rows[0] : rows[0] + per]
+            z = raw.noise_from_uniform(u).float().to(acc.device)
             with (acc.no_sync(student) if micro < tc.grad_accum - 1 else contextlib.nullcontext()), acc.autocast():
-                total, terms, _ = loss_fn(z, audio, mel, context, g)
+                total, terms, _ = loss_fn(z, audio, mel, context, g, rows)
             if not torch.isfinite(total):
                 ok = False
                 break
@@ -155,6 +159,10 @@ def distill(config_path, teacher_path, data, out, overrides=None, max_steps=None
             note_bad_step(run, tc, "distillation loss or gradient not finite")
             run.step += 1
             bar.update(1)
+            if run.step == tc.max_steps:  # a finished run always ends with a checkpoint at max_steps
+                acc.wait_for_everyone()
+                save(acc, exp, "student", cfg, cfg.student, student, ema, opt, sched, run, False,
+                     extra={"distill": dataclasses.asdict(dc), "teacher": str(teacher_path)})
             continue
         gnorm = acc.clip_grad_norm_(student.parameters(), tc.grad_clip)
         opt.step()

@@ -4,27 +4,32 @@
 :class:`~wavedistill.generation.CachedGenerator` computes — the same linearised
 weights, the same ring-buffer caches (it uses and returns
 :class:`~wavedistill.generation.GenerationCache` objects, so a cache can be
-handed from one generator to the other), the same per-step maths and the same
-sampling from explicit uniform noise — but runs the loop over time steps and
-layers in C++ (``wavedistill/csrc/fastgen.cpp``), so it is bound by arithmetic
-instead of Python overhead.
+handed from one generator to the other, ``x_prev`` included), the same
+per-step maths and the same sampling from explicit uniform noise — but runs the
+loop over time steps and layers in C++ (``wavedistill/csrc/fastgen.cpp``), so
+it is bound by memory bandwidth (the ~2 MB of demo-size weights stream from
+cache at every step) instead of Python overhead.  Results agree with the
+Python generator to float32 rounding (~2e-7), because the sums run in a
+different order; see ``tests/test_fastgen.py``.
 
-The conditioning projections of all layers are computed in the extension
-too, as ``CachedGenerator.cond_block`` does, with one matrix product per chunk
-of 32 steps (kept in cache, and free of torch's thread pool, whose spinning
-costs more than the product on a busy machine).  What stays in PyTorch, per
-block of :attr:`FastCachedGenerator.block` steps, is the parameter-free half of
-the sampling: Gumbel variates ``-log(-log(u))``, the logistic quantile
-``log(u) - log1p(-u)`` and, for the Gaussian teacher, ``ndtri(u)``, with the
-clamps of :mod:`wavedistill.distributions` (the very same torch operations).
+Everything inside the loop runs in the extension, with no torch operation
+between its calls: the conditioning projections of all layers (as
+``CachedGenerator.cond_block`` does, one matrix product per chunk of 32 steps,
+kept in cache) and the sampling from explicit uniform noise (Gumbel-max over
+the mixture logits, logistic or normal inverse CDF, with the clamps and
+operation order of :mod:`wavedistill.distributions`).  Keeping torch out
+matters on a busy machine: even one small parallel torch op per block leaves
+OpenMP workers spinning on the other core, which cost this path ~40% of its
+speed in measurements.
 
 The extension is compiled on first use with :func:`torch.utils.cpp_extension.load`
-(``-O3 -march=native``, no fast-math) into a per-CPU build directory outside
-the source tree: ``$WAVEDISTILL_EXTENSIONS_DIR``, else
+(``-O3 -march=native``, no fast-math: tanh and sigmoid use ~1-ulp polynomial
+approximations) into a build directory outside the source tree, one per CPU
+kind and source version: ``$WAVEDISTILL_EXTENSIONS_DIR``, else
 ``$TORCH_EXTENSIONS_DIR/wavedistill``, else ``~/.cache/wavedistill/torch_extensions``.
 Concurrent builds are serialised by torch's file lock.  It has a plain C ABI
 (called through :mod:`ctypes`, which releases the GIL), so the build needs no
-torch headers and takes about a second.  Set ``WAVEDISTILL_NO_FASTGEN=1`` to
+torch or pybind11 headers: the compiler runs ~2 s.  Set ``WAVEDISTILL_NO_FASTGEN=1`` to
 disable it.  :func:`available` says whether it can be used; when it cannot,
 :func:`build_error` says why and :class:`FastCachedGenerator` raises
 :class:`FastGenUnavailable`.
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import threading
@@ -44,16 +50,20 @@ from pathlib import Path
 
 import torch
 
+from .distributions import DiscretizedGaussian, DiscretizedMixtureOfLogistics
 from .generation import CachedGenerator, GenerationCache
 from .layers import SQRT_HALF
 
-__all__ = ["FastCachedGenerator", "FastGenUnavailable", "available", "build_error", "library_path"]
+__all__ = [
+    "FastCachedGenerator", "FastGenUnavailable", "available", "build_error", "flops_per_sample", "library_path",
+    "make_generator", "supports",
+]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "fastgen.cpp"
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
 _LDFLAGS = ["-pthread"]
 _PAD = 16  # floats; must equal PAD in fastgen.cpp
-_ABI = 3
+_ABI = 5
 
 _lock = threading.Lock()
 _lib = None
@@ -81,6 +91,14 @@ def _cpu_tag() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+def _source_tag() -> str:
+    """Short hash of the source and flags: a changed source builds into a new directory and never
+    overwrites a library that another process has loaded."""
+    h = hashlib.sha1(_SOURCE.read_bytes())
+    h.update(" ".join(_CFLAGS + _LDFLAGS + [torch.__version__]).encode())
+    return h.hexdigest()[:8]
+
+
 def _build_root() -> Path:
     if os.environ.get("WAVEDISTILL_EXTENSIONS_DIR"):
         return Path(os.environ["WAVEDISTILL_EXTENSIONS_DIR"])
@@ -100,9 +118,15 @@ def _load(verbose: bool = False):
                 raise FastGenUnavailable("disabled by WAVEDISTILL_NO_FASTGEN")
             if not _SOURCE.is_file():
                 raise FastGenUnavailable(f"source {_SOURCE} is missing (package installed without csrc/)")
-            from torch.utils import cpp_extension
+            cpp_log = logging.getLogger("torch.utils.cpp_extension")
+            level = cpp_log.level
+            cpp_log.setLevel(logging.ERROR)  # importing it warns about a CUDA toolkit without a GPU: not our concern
+            try:
+                from torch.utils import cpp_extension
+            finally:
+                cpp_log.setLevel(level)
 
-            name = f"wavedistill_fastgen_{_cpu_tag()}"
+            name = f"wavedistill_fastgen_{_cpu_tag()}_{_source_tag()}"
             build_dir = _build_root() / name
             build_dir.mkdir(parents=True, exist_ok=True)
             path = cpp_extension.load(
@@ -116,7 +140,9 @@ def _load(verbose: bool = False):
                 raise FastGenUnavailable(f"vector width {lib.fg_vector_width()} does not divide {_PAD}")
             p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
             lib.fg_run.restype = ctypes.c_int
-            lib.fg_run.argtypes = [p, p, p, i64, i64, i64, p, i64, i64, i64, p, p, p, i64, i64, f32, f32, f32, f32, i64, p]
+            lib.fg_run.argtypes = [p, p, p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, i64, p, p, i64, i64,
+                                   f32, f32, f32, f32, i64, i64, p]
+            lib.fg_ndtri.restype, lib.fg_ndtri.argtypes = ctypes.c_double, [ctypes.c_double]
             _lib, _lib_path = lib, str(path)
         except Exception as e:  # no compiler, no ninja, read-only cache, ...: report, never crash the caller
             _error = f"{type(e).__name__}: {e}".strip()
@@ -147,28 +173,34 @@ def _pad(n: int) -> int:
 class FastCachedGenerator:
     """Drop-in for :class:`~wavedistill.generation.CachedGenerator` with the step loop compiled.
 
-    ``threads``: threads that share each step's gated channels.  One is the
-    default: at demo size a step is ~1 MFLOP and a barrier per layer costs
-    more than the second core gains (see ``benchmarks/cpu_generation.py``).
+    ``threads``: at most this many threads, each generating its own batch
+    rows (independent streams, no synchronisation inside a call), so batch 1
+    runs on one thread.  ``split_channels=True`` also puts the threads that
+    batch rows leave over to work inside a step: they split the gated channels
+    of every layer and meet at one barrier per layer.  At demo size a step is
+    ~1 MFLOP (~40 µs); measured on a 2-core machine that was also training,
+    splitting batch 1 over 2 threads ran 4-8x *slower* (a barrier waits for a
+    descheduled partner), so it is off by default.
     """
 
     block = 1024  # samples per C++ call (and per progress callback)
 
-    def __init__(self, teacher, threads: int = 1):
+    def __init__(self, teacher, threads: int = 1, split_channels: bool = False):
         self._lib = _load()
         if self._lib is None:
             raise FastGenUnavailable(f"fast CPU generation is unavailable: {_error}")
         self.ref = ref = CachedGenerator(teacher)
         if ref.device.type != "cpu" or ref.dtype != torch.float32:
             raise ValueError(f"FastCachedGenerator needs a float32 teacher on the CPU, got {ref.dtype} on {ref.device}")
-        if type(ref.dist).__name__ == "DiscretizedMixtureOfLogistics":
+        if isinstance(ref.dist, DiscretizedMixtureOfLogistics):
             self.kind, self.mixtures, self.n_noise = 0, ref.dist.k, ref.dist.k + 1
-        elif type(ref.dist).__name__ == "DiscretizedGaussian":
+        elif isinstance(ref.dist, DiscretizedGaussian):
             self.kind, self.mixtures, self.n_noise = 1, 1, 1
         else:
             raise ValueError(f"unsupported output distribution {type(ref.dist).__name__}")
         self.dist = ref.dist
         self.threads = max(1, int(threads))
+        self.split_channels = bool(split_channels)
         self._pack()
 
     # ------------------------------------------------------------------ weights
@@ -239,24 +271,6 @@ class FastCachedGenerator:
     def new_cache(self, batch: int) -> GenerationCache:
         return self.ref.new_cache(batch)
 
-    def transform_noise(self, noise: torch.Tensor) -> torch.Tensor:
-        """Uniform noise ``[B, n_noise, T]`` → the variates the sampler consumes, ``[T, B, n_noise]``.
-
-        The same operations and clamps as ``dist.sample``, applied to a whole block at once.
-        """
-        noise = noise.to(torch.float32)
-        if self.kind == 0:
-            K = self.mixtures
-            u_mix = noise[:, :K].clamp(1e-10, 1.0 - 1e-7)
-            gumbel = -torch.log(-torch.log(u_mix))
-            u = noise[:, K].clamp(1e-5, 1.0 - 1e-5)
-            logistic = torch.log(u) - torch.log1p(-u)
-            out = torch.cat([gumbel, logistic[:, None]], dim=1)
-        else:
-            u = noise[:, 0].clamp(1e-6, 1.0 - 1e-6)
-            out = torch.special.ndtri(u)[:, None]
-        return out.permute(2, 0, 1).contiguous()
-
     @torch.no_grad()
     def run(self, c: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0, cache: GenerationCache | None = None,
             progress=None, return_params: bool = False):
@@ -272,6 +286,9 @@ class FastCachedGenerator:
         if C != self.dims["C"]:
             raise ValueError(f"c has {C} channels, the teacher expects {self.dims['C']}")
         cf = c if c.dtype == torch.float32 else c.to(torch.float32)
+        if noise.device.type != "cpu":
+            raise ValueError("FastCachedGenerator runs on the CPU; move noise to the CPU")
+        nf = noise if noise.dtype == torch.float32 else noise.to(torch.float32)  # as dist.sample casts it
         if noise.shape[0] != B or noise.shape[1] < self.n_noise or noise.shape[2] < T:
             raise ValueError(f"noise must be [B={B}, {self.n_noise}, >={T}], got {tuple(noise.shape)}")
         cache = cache or self.new_cache(B)
@@ -281,28 +298,61 @@ class FastCachedGenerator:
                 raise ValueError("cache does not match this generator and batch size")
             ptrs.append(buf.data_ptr())
         bufs = torch.tensor(ptrs, dtype=torch.int64)
-        out = torch.zeros(B, T, dtype=torch.float32)
-        x_prev = torch.zeros(B, dtype=torch.float32)
-        params = torch.zeros(T, B, self.dims["P"], dtype=torch.float32) if return_params else None
+        out = torch.empty(B, T, dtype=torch.float32)  # every sample is written by the kernel
+        if cache.x_prev is not None:  # continue from the last sample of a previous run
+            x_prev = cache.x_prev.detach().to(device="cpu", dtype=torch.float32).reshape(B).clone()
+        else:
+            x_prev = torch.zeros(B, dtype=torch.float32)
+        params = torch.empty(T, B, self.dims["P"], dtype=torch.float32) if return_params else None
+        teams = min(self.threads, B)
+        team_size = self.threads // teams if self.split_channels else 1
         for start in range(0, T, self.block):
             stop = min(T, start + self.block)
-            cb = cf[:, :, start:stop]
-            nz = self.transform_noise(noise[:, : self.n_noise, start:stop])
+            cb, nz = cf[:, :, start:stop], nf[:, :, start:stop]
             rc = self._lib.fg_run(
                 self.weights.data_ptr(), self.cfg.data_ptr(), bufs.data_ptr(), B, stop - start, cache.t,
-                cb.data_ptr(), *cb.stride(), nz.data_ptr(), x_prev.data_ptr(), out[:, start:].data_ptr(), T, 1,
-                float(temperature), float(self.dist.log_scale_min), float(self.skip_scale), float(SQRT_HALF),
-                self.threads, params[start:].data_ptr() if params is not None else None,
+                cb.data_ptr(), *cb.stride(), nz.data_ptr(), *nz.stride(), x_prev.data_ptr(),
+                out[:, start:].data_ptr(), T, 1, float(temperature), float(self.dist.log_scale_min),
+                float(self.skip_scale), float(SQRT_HALF), teams, team_size,
+                params[start:].data_ptr() if params is not None else None,
             )
             if rc != 0:
                 raise RuntimeError(f"fastgen kernel rejected its configuration (code {rc})")
             cache.t += stop - start
             if progress is not None:
                 progress(stop - start)
-        out = out.to(c.dtype)
+        cache.x_prev = x_prev
         if return_params:
             return out, params.permute(1, 2, 0)
         return out
+
+
+def ndtri(p: float) -> float:
+    """The extension's standard normal quantile (float64), exposed for testing."""
+    if _load() is None:
+        raise FastGenUnavailable(f"fast CPU generation is unavailable: {_error}")
+    return float(_lib.fg_ndtri(float(p)))
+
+
+def supports(teacher) -> bool:
+    """True if :class:`FastCachedGenerator` can run this teacher: float32 on the CPU, extension available."""
+    p = next(teacher.parameters())
+    return p.device.type == "cpu" and p.dtype == torch.float32 and available()
+
+
+def make_generator(teacher, fast: bool | None = None, threads: int | None = None):
+    """The generator :meth:`Teacher.generate` should use.
+
+    ``fast=None``: :class:`FastCachedGenerator` when :func:`supports` says so, else the Python
+    :class:`~wavedistill.generation.CachedGenerator`; ``fast=True``: the compiled one or an error
+    saying why not; ``fast=False``: the Python one.  ``threads`` defaults to torch's thread count
+    (used for batch rows; batch 1 runs on one thread).
+    """
+    if fast is False:
+        return CachedGenerator(teacher)
+    if fast is None and not supports(teacher):
+        return CachedGenerator(teacher)
+    return FastCachedGenerator(teacher, threads=torch.get_num_threads() if threads is None else threads)
 
 
 def flops_per_sample(layers: int, kernel: int, residual: int, gate: int, skip: int, n_params: int) -> int:

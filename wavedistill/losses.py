@@ -33,19 +33,26 @@ def gaussian_entropy(log_s: torch.Tensor) -> torch.Tensor:
     return upcast(log_s) + GAUSSIAN_ENTROPY_CONST
 
 
-def logistic_draws(mu: torch.Tensor, log_s: torch.Tensor, samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``[B, S, T]`` reparameterised draws ``μ + s·ε``, ``ε ~ Logistic(0, 1)``."""
+def logistic_draws(mu: torch.Tensor, log_s: torch.Tensor, samples: int, generator: torch.Generator | None = None,
+                   rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """``[B, S, T]`` reparameterised draws ``μ + s·ε``, ``ε ~ Logistic(0, 1)``.
+
+    ``rows=(first, total)``: these ``B`` rows are rows ``first..first+B`` of a global batch of ``total``
+    (data-parallel ranks draw the global noise and keep their slice, so N processes match one).
+    """
     mu, log_s = upcast(mu), upcast(log_s)
     B, T = mu.shape
-    u = torch.rand(B, samples, T, generator=generator, dtype=mu.dtype).to(mu.device).clamp(1e-6, 1 - 1e-6)
+    first, total = rows if rows is not None else (0, B)
+    u = torch.rand(total, samples, T, generator=generator, dtype=mu.dtype)[first : first + B]
+    u = u.to(mu.device).clamp(1e-6, 1 - 1e-6)
     eps = torch.log(u) - torch.log1p(-u)
     return mu[:, None] + torch.exp(log_s)[:, None] * eps
 
 
 def cross_entropy_mc(dist, teacher_params: torch.Tensor, mu: torch.Tensor, log_s: torch.Tensor, samples: int,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Monte-Carlo estimate of ``−E_{x_t ~ P_S}[log p_T(x_t | x_<t)]`` per timestep ``[B, T]``."""
-    draws = logistic_draws(mu, log_s, samples, generator)
+    draws = logistic_draws(mu, log_s, samples, generator, rows)
     return -dist.log_density(teacher_params, draws).mean(dim=1)
 
 
@@ -67,7 +74,8 @@ def stft_loss(x: torch.Tensor, y: torch.Tensor, fft_sizes, hop_sizes, win_sizes)
     for n, h, w in zip(fft_sizes, hop_sizes, win_sizes):
         X = stft_magnitude(x, n, h, w)
         Y = stft_magnitude(y, n, h, w)
-        sc = torch.linalg.norm(Y - X) / torch.linalg.norm(Y).clamp_min(1e-7)
+        # spectral convergence per utterance, then averaged (independent of how a batch is split)
+        sc = (torch.linalg.norm(Y - X, dim=(-2, -1)) / torch.linalg.norm(Y, dim=(-2, -1)).clamp_min(1e-7)).mean()
         mag = (torch.log(X) - torch.log(Y)).abs().mean()
         total = total + sc + mag
     return total / len(fft_sizes)
@@ -89,18 +97,19 @@ class DistillationLoss:
     def __init__(self, cfg, teacher, student):
         self.cfg = cfg
         self.teacher = teacher
-        self.student = student
+        self.student = student  # may be wrapped (DistributedDataParallel); called through the wrapper
+        student = getattr(student, "module", student)
         if cfg.loss == "parallel_wavenet" and student.distribution != "logistic":
             raise ValueError("the Parallel WaveNet loss needs a logistic student (student.distribution: logistic)")
         if cfg.loss == "clarinet" and (student.distribution != "gaussian" or teacher.cfg.output != "gaussian"):
             raise ValueError("the ClariNet loss needs a Gaussian student and a Gaussian teacher")
 
-    def kl_terms(self, x, mu, log_s, mel, context, generator):
+    def kl_terms(self, x, mu, log_s, mel, context, generator, rows=None):
         cfg = self.cfg
         tparams = self.teacher(x, mel, None, context)
         if cfg.loss == "parallel_wavenet":
             ent = logistic_entropy(log_s)
-            ce = cross_entropy_mc(self.teacher.dist, tparams, mu, log_s, cfg.ce_samples, generator)
+            ce = cross_entropy_mc(self.teacher.dist, tparams, mu, log_s, cfg.ce_samples, generator, rows)
             kl_t = ce - ent
         else:
             mu_p, log_s_p = self.teacher.dist.split(tparams)
@@ -111,16 +120,17 @@ class DistillationLoss:
         kl_raw = kl_t.mean()
         return kl_t.clamp(cfg.kl_clip_min, cfg.kl_clip_max).mean(), kl_raw, ce.mean(), ent.mean()
 
-    def __call__(self, z, audio, mel, context: int, generator: torch.Generator | None = None):
+    def __call__(self, z, audio, mel, context: int, generator: torch.Generator | None = None,
+                 rows: tuple[int, int] | None = None):
         cfg = self.cfg
         x, mu, log_s = self.student(z, mel, context)
-        kl, kl_raw, ce, ent = self.kl_terms(x, mu, log_s, mel, context, generator)
+        kl, kl_raw, ce, ent = self.kl_terms(x, mu, log_s, mel, context, generator, rows)
         stft = stft_loss(x, audio, cfg.stft_fft_sizes, cfg.stft_hop_sizes, cfg.stft_win_sizes)
         total = cfg.kl_weight * kl + cfg.stft_weight * stft
         terms = {"kl": kl_raw.item(), "kl_clipped": kl.item(), "cross_entropy": ce.item(), "entropy": ent.item(), "stft": stft.item(),
                  "log_s_tot": upcast(log_s).mean().item()}
         if cfg.contrastive_weight > 0 and mel.shape[0] > 1:
-            kl_wrong, _, _, _ = self.kl_terms(x, mu, log_s, mel.roll(1, dims=0), context, generator)
+            kl_wrong, _, _, _ = self.kl_terms(x, mu, log_s, mel.roll(1, dims=0), context, generator, rows)
             total = total - cfg.contrastive_weight * kl_wrong
             terms["contrastive"] = kl_wrong.item()
         terms["total"] = total.item()

@@ -75,7 +75,6 @@ def run_prepare(wav_dir: str | Path, out: str | Path, cfg: Config) -> dict[str, 
                 raise AudioError(f"too long: {seconds:.1f} s after trimming, limit is {prep.max_seconds:g} s")
         except AudioError as e:
             skipped.append({"path": rel.as_posix(), "reason": str(e)})
-            tqdm.write(f"skipped {src}: {e}", file=sys.stderr)
             continue
         utterances[uttid] = entry
         reused += was_cached
@@ -84,6 +83,8 @@ def run_prepare(wav_dir: str | Path, out: str | Path, cfg: Config) -> dict[str, 
         what = f"{len(sources)} files, all skipped: {skipped[0]['reason']}" if skipped else "no files found"
         raise UserError(f"no usable audio in {wav_dir} ({what}); point --wav-dir at a directory of wav/flac/ogg files")
 
+    for s in skipped:
+        print(f"skipped {wav_dir / s['path']}: {s['reason']}", file=sys.stderr)
     splits = assign_splits(sorted(utterances), prep.valid_fraction, prep.test_fraction, prep.seed)
     writer.begin()
     for name in SPLITS:

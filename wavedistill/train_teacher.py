@@ -135,6 +135,9 @@ def train_teacher(config_path, data, out, overrides=None, max_steps=None, resume
             note_bad_step(run, tc, "loss or gradient not finite")
             run.step += 1
             bar.update(1)
+            if run.step == tc.max_steps:  # a finished run always ends with a checkpoint at max_steps
+                acc.wait_for_everyone()
+                save(acc, exp, "teacher", cfg, cfg.teacher, model, ema, opt, sched, run, False)
             continue
         gnorm = acc.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()

@@ -1,17 +1,15 @@
 // Fast CPU autoregressive generation for the wavedistill WaveNet teacher.
 //
 // A plain C ABI (loaded with ctypes) so that the build needs no torch or
-// pybind11 headers and compiles in about a second.  The Python side
+// pybind11 headers and compiles in ~2 s.  The Python side
 // (wavedistill/fastgen.py) packs the linearised weights of
-// wavedistill.generation.CachedGenerator into one float32 buffer and turns the
-// uniform noise into Gumbel / logistic / normal variates with the very torch
-// operations that DiscretizedMixtureOfLogistics.sample and
-// DiscretizedGaussian.sample use.  This file runs, for T steps, the
-// conditioning projections of all layers (as CachedGenerator.cond_block: one
-// matrix product per chunk of CT steps, never per sample), the per-step maths
-// of CachedGenerator.step (ring-buffer taps, gate matvec + conditioning,
-// tanh·sigmoid, residual/skip matvec, head) and the parameter-dependent part of
-// the sampling (argmax, exp of the log-scale, clamps).
+// wavedistill.generation.CachedGenerator into one float32 buffer.  This file
+// runs, for T steps, the conditioning projections of all layers (as
+// CachedGenerator.cond_block: one matrix product per chunk of CT steps, never
+// per sample), the per-step maths of CachedGenerator.step (ring-buffer taps,
+// gate matvec + conditioning, tanh·sigmoid, residual/skip matvec, head) and the
+// sampling from explicit uniform noise of DiscretizedMixtureOfLogistics.sample /
+// DiscretizedGaussian.sample (same clamps, same operation order).
 //
 // Layout conventions (all float32; "padded" sizes are multiples of 16 floats,
 // padding entries of weights and biases are zero so padded lanes stay zero):
@@ -22,8 +20,7 @@
 //   ring buffers  exactly GenerationCache.buffers: layer l is [(k-1)·d_l, B, R], unpadded.
 //   cond weights  Wc [C, LGp]      column l*G + g is layer l, gate channel g (unpadded per layer)
 //   conditioning  c[b*csb + ch*csc + t*cst], the upsampled features, any strides.
-//   noise         [Tb, B, NN] already transformed (MoL: K Gumbel variates then
-//                 log(u) - log1p(-u); Gaussian: ndtri(u)).
+//   noise         uniform, u[b*nsb + j*nsc + t*nst], j < NN (MoL: K+1, Gaussian: 1).
 //
 // No -ffast-math: tanh/sigmoid use an exp with ~1 ulp error (Cephes
 // polynomials), so the results match torch's to float32 rounding.
@@ -116,6 +113,37 @@ inline vf v_tanh(vf x) {
 
 // sigmoid as torch's CPU kernel writes it: 1 / (1 + exp(-x)).
 inline vf v_sigmoid(vf x) { return 1.0f / (1.0f + v_exp(-x)); }
+
+// Standard normal quantile in double: Acklam's rational approximation (relative
+// error < 1.2e-9) polished by one Halley step on erfc, i.e. to double precision.
+double ndtri(double p) {
+  if (!(p > 0.0)) return p == 0.0 ? -INFINITY : NAN;
+  if (!(p < 1.0)) return p == 1.0 ? INFINITY : NAN;
+  if (p > 0.5) return -ndtri(1.0 - p);  // exact for p >= 0.5; keeps the Halley step in the lower tail
+  static const double a[6] = {-3.969683028665376e+01, 2.209460984245205e+02, -2.759285104469687e+02,
+                              1.383577518672690e+02,  -3.066479806614716e+01, 2.506628277459239e+00};
+  static const double b[5] = {-5.447609879822406e+01, 1.615858368580409e+02, -1.556989798598866e+02,
+                              6.680131188771972e+01,  -1.328068155288572e+01};
+  static const double c[6] = {-7.784894002430293e-03, -3.223964580411365e-01, -2.400758277161838e+00,
+                              -2.549732539343734e+00, 4.374664141464968e+00,  2.938163982698783e+00};
+  static const double d[4] = {7.784695709041462e-03, 3.224671290700398e-01, 2.445134137142996e+00,
+                              3.754408661907416e+00};
+  const double lo = 0.02425;
+  double x;
+  if (p < lo) {
+    const double q = std::sqrt(-2.0 * std::log(p));
+    x = (((((c[0] * q + c[1]) * q + c[2]) * q + c[3]) * q + c[4]) * q + c[5]) /
+        ((((d[0] * q + d[1]) * q + d[2]) * q + d[3]) * q + 1.0);
+  } else {
+    const double q = p - 0.5, r = q * q;
+    x = (((((a[0] * r + a[1]) * r + a[2]) * r + a[3]) * r + a[4]) * r + a[5]) * q /
+        (((((b[0] * r + b[1]) * r + b[2]) * r + b[3]) * r + b[4]) * r + 1.0);
+  }
+  // Halley step: e = Φ(x) - p, Φ(x) = erfc(-x/√2)/2.
+  const double e = 0.5 * std::erfc(-x / std::sqrt(2.0)) - p;
+  const double u = e * std::sqrt(2.0 * M_PI) * std::exp(0.5 * x * x);
+  return x - u / (1.0 + 0.5 * x * u);
+}
 
 // y[b, 0:NV·VW] (+)= bias + Σ_i x[b, i] · W[i, 0:NV·VW] for NB batch rows; with ACC the
 // accumulators start from y instead of the bias.
@@ -224,7 +252,10 @@ enum Cfg {
   C_FIXED  // then per layer: dilation, offset Wg, offset bg, offset Wo, offset bo
 };
 constexpr int PER_LAYER = 5;
-constexpr int64_t CT = 32;  // steps per conditioning chunk (CT·L·G floats stay in L2)
+#ifndef FG_CHUNK
+#define FG_CHUNK 32
+#endif
+constexpr int64_t CT = FG_CHUNK;  // steps per conditioning chunk (CT·L·G floats stay in L2)
 
 // Everything a call shares.  Batch rows are split between teams (independent
 // streams, no synchronisation); within a team, threads split the gated channels
@@ -236,7 +267,8 @@ struct Ctx {
   int64_t B, Tb, t0;
   const float* cin;     // conditioning features c[b*csb + ch*csc + tl*cst]
   int64_t csb, csc, cst;
-  const float* noise;   // [Tb, B, NN]
+  const float* noise;   // uniform noise u[b*nsb + j*nsc + tl*nst]
+  int64_t nsb, nsc, nst;
   float* x_prev;        // [B]
   float* out;           // out[b*osb + tl*ost]
   int64_t osb, ost;
@@ -255,32 +287,38 @@ struct Team {
 
 void sample_step(const Ctx& c, const Team& team, int64_t tl, const float* params, int64_t Pp) {
   const int64_t* cfg = c.cfg;
-  const int64_t B = c.B, K = cfg[C_MIX], NN = cfg[C_NN], P = cfg[C_P];
+  const int64_t B = c.B, K = cfg[C_MIX], P = cfg[C_P];
   const bool mol = cfg[C_DIST] == 0;
   for (int64_t r = 0; r < team.nb; ++r) {
     const int64_t b = team.b0 + r;
     const float* pr = params + r * Pp;
-    const float* nz = c.noise + (tl * B + b) * NN;
+    const float* nz = c.noise + b * c.nsb + tl * c.nst;
+    auto clamp = [](float v, float lo, float hi) { return std::min(std::max(v, lo), hi); };
     float x;
     if (mol) {
-      // argmax(logits + gumbel): the first maximum, as torch.argmax.
+      // Gumbel-max: argmax(logits - log(-log(u))), the first maximum as torch.argmax.
+      const float umin = 1e-10f, umax = (float)(1.0 - 1e-7);
       int64_t best = 0;
-      float bv = pr[0] + nz[0];
-      for (int64_t q = 1; q < K; ++q) {
-        float v = pr[q] + nz[q];
-        if (v > bv) {
+      float bv = 0.0f;
+      for (int64_t q = 0; q < K; ++q) {
+        const float u = clamp(nz[q * c.nsc], umin, umax);
+        const float v = pr[q] + -std::log(-std::log(u));
+        if (q == 0 || v > bv) {
           bv = v;
           best = q;
         }
       }
-      float m = pr[K + best];
-      float ls = std::max(pr[2 * K + best], c.log_scale_min);
-      float scale = std::exp(ls) * c.temperature;
-      x = m + scale * nz[K];
+      // Logistic by inverse CDF: m + s·T·(log u - log(1-u)).
+      const float u = clamp(nz[K * c.nsc], 1e-5f, (float)(1.0 - 1e-5));
+      const float m = pr[K + best];
+      const float ls = std::max(pr[2 * K + best], c.log_scale_min);
+      const float scale = std::exp(ls) * c.temperature;
+      x = m + scale * (std::log(u) - std::log1p(-u));
     } else {
-      float ls = std::max(pr[1], c.log_scale_min);
-      float scale = std::exp(ls) * c.temperature;
-      x = pr[0] + scale * nz[0];
+      const float u = clamp(nz[0], 1e-6f, (float)(1.0 - 1e-6));
+      const float ls = std::max(pr[1], c.log_scale_min);
+      const float scale = std::exp(ls) * c.temperature;
+      x = pr[0] + scale * (float)ndtri((double)u);
     }
     x = std::min(std::max(x, -1.0f), 1.0f);
     c.x_prev[b] = x;
@@ -372,17 +410,21 @@ void worker(const Ctx& c, Team& team, int p) {
         }
       }
       // Residual/skip outputs from this thread's channels (the lead thread adds the bias).
+      // The residual output of the last layer is never read: only its skip columns are computed.
+      const bool last = l == L - 1;
+      const int64_t oc = last ? Rp : 0;
       float* op = team.opart.data() + (int64_t)(p * 2 + (l & 1)) * nb * RSp;
-      matvec<false>(Wo + j0 * RSp, RSp, nj, RSp, &z[j0], Hp, nb, lead ? bo : nullptr, op, RSp);
+      matvec<false>(Wo + j0 * RSp + oc, RSp, nj, RSp - oc, &z[j0], Hp, nb, lead ? bo + oc : nullptr, op + oc, RSp);
       const float* o = op;
       if (np > 1) {
         team.bar.wait();
         o = osum.data();
-        for (int64_t i = 0; i < nb * RSp; i += VW) {
-          vf acc = ld(team.opart.data() + (int64_t)(l & 1) * nb * RSp + i);
-          for (int q = 1; q < np; ++q) acc += ld(team.opart.data() + (int64_t)(q * 2 + (l & 1)) * nb * RSp + i);
-          st(&osum[i], acc);
-        }
+        for (int64_t r = 0; r < nb; ++r)
+          for (int64_t i = r * RSp + oc; i < (r + 1) * RSp; i += VW) {
+            vf acc = ld(team.opart.data() + (int64_t)(l & 1) * nb * RSp + i);
+            for (int q = 1; q < np; ++q) acc += ld(team.opart.data() + (int64_t)(q * 2 + (l & 1)) * nb * RSp + i);
+            st(&osum[i], acc);
+          }
       }
       // Every thread has read its taps (the barrier above), so the slot can be overwritten.
       if (lead) {
@@ -390,7 +432,8 @@ void worker(const Ctx& c, Team& team, int p) {
         for (int64_t r = 0; r < nb; ++r) std::memcpy(dst + r * R, &h[r * Rp], sizeof(float) * R);
       }
       for (int64_t r = 0; r < nb; ++r) {
-        for (int64_t v = 0; v < Rp; v += VW) st(&h[r * Rp + v], ld(&h[r * Rp + v]) * c_half + ld(o + r * RSp + v));
+        if (!last)
+          for (int64_t v = 0; v < Rp; v += VW) st(&h[r * Rp + v], ld(&h[r * Rp + v]) * c_half + ld(o + r * RSp + v));
         if (lead) {
           for (int64_t v = 0; v < Sp; v += VW) {
             vf ov = ld(o + r * RSp + Rp + v);
@@ -415,29 +458,31 @@ void worker(const Ctx& c, Team& team, int p) {
 
 extern "C" {
 
-int fg_abi_version() { return 3; }
+int fg_abi_version() { return 5; }
 int fg_vector_width() { return VW; }
+double fg_ndtri(double p) { return ndtri(p); }
 
 // Runs Tb steps starting at absolute step t0, updating the ring buffers and
-// x_prev in place.  `threads` threads: batch rows are split between min(threads, B)
-// independent teams; leftover threads (B < threads) split each team's gated
-// channels.  Returns 0, or a negative code for an invalid configuration.
+// x_prev in place.  Batch rows are split between min(teams, B) independent
+// teams of team_size threads each; the threads of a team split the gated
+// channels of every layer and meet at a barrier per layer.  Returns 0, or a
+// negative code for an invalid configuration.
 // bufs: int64 addresses of the L ring buffers.
 int fg_run(const float* wts, const int64_t* cfg, const int64_t* bufs, int64_t B, int64_t Tb, int64_t t0,
-           const float* cin, int64_t csb, int64_t csc, int64_t cst, const float* noise, float* x_prev, float* out,
+           const float* cin, int64_t csb, int64_t csc, int64_t cst, const float* noise, int64_t nsb, int64_t nsc,
+           int64_t nst, float* x_prev, float* out,
            int64_t osb, int64_t ost, float temperature, float log_scale_min, float skip_scale, float sqrt_half,
-           int64_t threads, float* params_out) {
+           int64_t n_teams, int64_t team_size, float* params_out) {
   const int64_t L = cfg[C_L], k = cfg[C_K];
   if (cfg[C_RP] % VW || cfg[C_HP] % VW || cfg[C_SP] % VW || cfg[C_PP] % VW || cfg[C_LGP] % VW) return -1;
   if (k < 2 || L < 1 || B < 1 || Tb < 0) return -2;
   if (cfg[C_DIST] == 0 && cfg[C_NN] != cfg[C_MIX] + 1) return -3;
   if (Tb == 0) return 0;
-  threads = std::max<int64_t>(1, std::min<int64_t>(threads, 256));
-  const int64_t nteams = std::min(threads, B);
-  const int64_t per_team = std::max<int64_t>(1, std::min<int64_t>(threads / nteams, cfg[C_HP] / VW));
+  const int64_t nteams = std::max<int64_t>(1, std::min<int64_t>(std::min<int64_t>(n_teams, B), 256));
+  const int64_t per_team = std::max<int64_t>(1, std::min<int64_t>(std::min<int64_t>(team_size, 64), cfg[C_HP] / VW));
   std::vector<float*> bp(L);
   for (int64_t l = 0; l < L; ++l) bp[l] = reinterpret_cast<float*>(static_cast<intptr_t>(bufs[l]));
-  const Ctx c{wts, cfg, bp.data(), B, Tb, t0, cin, csb, csc, cst, noise, x_prev, out, osb, ost,
+  const Ctx c{wts, cfg, bp.data(), B, Tb, t0, cin, csb, csc, cst, noise, nsb, nsc, nst, x_prev, out, osb, ost,
               temperature, log_scale_min, skip_scale, sqrt_half, params_out};
   std::vector<Team> teams(nteams);
   for (int64_t i = 0; i < nteams; ++i) {
