@@ -175,12 +175,15 @@ class FastCachedGenerator:
 
     ``threads``: at most this many threads, each generating its own batch
     rows (independent streams, no synchronisation inside a call), so batch 1
-    runs on one thread.  ``split_channels=True`` also puts the threads that
-    batch rows leave over to work inside a step: they split the gated channels
-    of every layer and meet at one barrier per layer.  At demo size a step is
-    ~1 MFLOP (~40 µs); measured on a 2-core machine that was also training,
-    splitting batch 1 over 2 threads ran 4-8x *slower* (a barrier waits for a
-    descheduled partner), so it is off by default.
+    runs on one thread.  One thread is the default: a step streams all the
+    weights (~2 MB at demo size) from the cache, one thread running several
+    rows streams them once for all of them, and on the shared 2-core machine
+    where this was measured one thread generating batch 2 beat two threads
+    (29.6k vs 16.7k samples/s).  ``split_channels=True`` also puts the
+    threads that batch rows leave over to work inside a step: they split the
+    gated channels of every layer and meet at one barrier per layer.  A
+    demo-size step is ~1 MFLOP (~40 µs); splitting batch 1 over 2 threads ran
+    3-4x *slower* there (a barrier waits for a descheduled partner).
     """
 
     block = 1024  # samples per C++ call (and per progress callback)
@@ -340,19 +343,18 @@ def supports(teacher) -> bool:
     return p.device.type == "cpu" and p.dtype == torch.float32 and available()
 
 
-def make_generator(teacher, fast: bool | None = None, threads: int | None = None):
+def make_generator(teacher, fast: bool | None = None, threads: int = 1):
     """The generator :meth:`Teacher.generate` should use.
 
     ``fast=None``: :class:`FastCachedGenerator` when :func:`supports` says so, else the Python
     :class:`~wavedistill.generation.CachedGenerator`; ``fast=True``: the compiled one or an error
-    saying why not; ``fast=False``: the Python one.  ``threads`` defaults to torch's thread count
-    (used for batch rows; batch 1 runs on one thread).
+    saying why not; ``fast=False``: the Python one.  ``threads``: see :class:`FastCachedGenerator`.
     """
     if fast is False:
         return CachedGenerator(teacher)
     if fast is None and not supports(teacher):
         return CachedGenerator(teacher)
-    return FastCachedGenerator(teacher, threads=torch.get_num_threads() if threads is None else threads)
+    return FastCachedGenerator(teacher, threads=threads)
 
 
 def flops_per_sample(layers: int, kernel: int, residual: int, gate: int, skip: int, n_params: int) -> int:

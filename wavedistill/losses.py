@@ -74,8 +74,9 @@ def stft_loss(x: torch.Tensor, y: torch.Tensor, fft_sizes, hop_sizes, win_sizes)
     for n, h, w in zip(fft_sizes, hop_sizes, win_sizes):
         X = stft_magnitude(x, n, h, w)
         Y = stft_magnitude(y, n, h, w)
-        # spectral convergence per utterance, then averaged (independent of how a batch is split)
-        sc = (torch.linalg.norm(Y - X, dim=(-2, -1)) / torch.linalg.norm(Y, dim=(-2, -1)).clamp_min(1e-7)).mean()
+        # Spectral convergence over the whole (local) batch: a per-utterance ratio explodes on silent
+        # segments (||Y|| ≈ 0). Under data parallelism this is a ratio of each process's local sums.
+        sc = torch.linalg.norm(Y - X) / torch.linalg.norm(Y).clamp_min(1e-7)
         mag = (torch.log(X) - torch.log(Y)).abs().mean()
         total = total + sc + mag
     return total / len(fft_sizes)

@@ -252,11 +252,11 @@ class Vocoder:
         return [torch.cat(o) for o in outs]
 
     def _teacher(self, mels, frames, seed, rows, temperature, chunk, speaker, progress) -> list[torch.Tensor]:
-        from .generation import CachedGenerator
+        from .fastgen import make_generator
 
         model, hop = self.model, self.hop
         B, n_max = len(mels), max(frames)
-        gen = CachedGenerator(model)
+        gen = make_generator(model)  # compiled CPU generator when available, else the Python one
         cache = gen.new_cache(B)  # ring buffers and the previous sample carry over from chunk to chunk
         noise = torch.full((B, model.dist.n_noise, n_max * hop), 0.5, dtype=self.dtype, device=self.device)
         for i, f in enumerate(frames):

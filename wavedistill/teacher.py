@@ -79,14 +79,19 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def generate(self, mel: torch.Tensor, *, noise: torch.Tensor | None = None, seed: int | None = None,
-                 temperature: float = 1.0, speaker: torch.Tensor | None = None, progress=None) -> torch.Tensor:
-        """Autoregressive sampling with cached per-layer queues; returns ``[B, frames*hop]``."""
-        from .generation import CachedGenerator
+                 temperature: float = 1.0, speaker: torch.Tensor | None = None, progress=None,
+                 fast: bool | None = None) -> torch.Tensor:
+        """Autoregressive sampling with cached per-layer queues; returns ``[B, frames*hop]``.
+
+        ``fast=None`` uses the compiled CPU generator (:mod:`wavedistill.fastgen`) for a float32 CPU
+        teacher when it builds here, else the Python one; ``True`` requires it; ``False`` forces Python.
+        """
+        from .fastgen import make_generator
 
         c = self.condition(mel, speaker)
         if noise is None:
             noise = self.make_noise(c.shape[0], c.shape[2], seed, c.device, c.dtype)
-        return CachedGenerator(self).run(c, noise, temperature=temperature, progress=progress)
+        return make_generator(self, fast=fast).run(c, noise, temperature=temperature, progress=progress)
 
     @torch.no_grad()
     def generate_naive(self, mel: torch.Tensor, *, noise: torch.Tensor | None = None, seed: int | None = None,
