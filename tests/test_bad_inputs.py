@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 import wave
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable

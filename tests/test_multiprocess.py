@@ -109,8 +109,11 @@ def test_distill_two_processes_match_one_and_resume(tmp_path, cache):
     from wavedistill.distill import distill
     from wavedistill.train_teacher import train_teacher
 
+    # The KL terms are exactly split-invariant (global-batch noise, per-timestep means). The STFT loss's spectral
+    # convergence is a ratio of each process's local sums (a per-utterance ratio explodes on silent segments), so it
+    # is switched off here; with it on, 2 processes differ from 1 by ~3e-3 in the parameters after 4 steps.
     cfg = h.write_config(tmp_path / "s.yaml", train={"batch_size": 4, "max_steps": 4, "save_every": 2, "valid_every": 2,
-                                                      "keep_checkpoints": 5})
+                                                      "keep_checkpoints": 5}, distill={"stft_weight": 0.0})
     train_teacher(cfg, cache, tmp_path / "teacher", max_steps=2)
     teacher = resolve_checkpoint(tmp_path / "teacher")
     ref = tmp_path / "ref"
