@@ -308,3 +308,15 @@ def test_property_upsample_scales(scales):
         assert isinstance(result, Config) and result.teacher.upsample_scales == scales
     else:
         assert isinstance(result, UserError)
+
+
+def test_yaml_no_is_the_word_not_a_boolean(tmp_path):
+    """YAML 1.1 reads `no` as False; `train.mixed_precision=no` must still mean 'no'."""
+    from wavedistill.config import load_config
+
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(f).train.mixed_precision == "no"
+    with pytest.raises(UserError):
+        load_config(None, ["teacher.output=yes"])

@@ -295,6 +295,10 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         raise UserError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and all(isinstance(a, str) for a in allowed):
+            # YAML 1.1 reads no/off/yes/on as booleans: map them back onto the allowed words
+            words = ("yes", "true", "on") if value else ("no", "false", "off")
+            value = next((a for a in allowed if a in words), value)
         if value not in allowed:
             raise UserError(f"{where}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
         return value

@@ -75,14 +75,15 @@ fi
 
 if run 4; then
   say 4 "synthesize $utterances held-out utterances -> $exp/wav"
-  $py - "$data" "$exp/synth_inputs.txt" "$utterances" <<'PY'
+  $py - "$data" "$exp/synth_inputs.txt" "$utterances" "$wav_dir" <<'PY'
 import json, sys
 from pathlib import Path
-data, out, n = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+data, out, n, wav_dir = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 summary = json.loads((data / "summary.json").read_text())
 ids = (data / "test.txt").read_text().split()[:n]
 out.parent.mkdir(parents=True, exist_ok=True)
-out.write_text("".join(str(Path(summary["utterances"][u]["source"]).resolve()) + "\n" for u in ids))
+# sources are recorded relative to the --wav-dir that prepare read
+out.write_text("".join(str((wav_dir / summary["utterances"][u]["source"]).resolve()) + "\n" for u in ids))
 PY
   $wd synthesize --checkpoint "$exp/student/checkpoints/latest" --out-dir "$exp/wav/student" "$exp/synth_inputs.txt"
 fi

@@ -1,0 +1,47 @@
+"""The recipes run end to end (bounded): LJSpeech's paper-scale configs on a tiny subset."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
+
+TINY = " ".join([
+    "train.max_steps=1", "train.batch_size=1", "train.segment_samples=2048", "train.valid_utterances=1",
+    "train.valid_segment_samples=2048", "train.sample_every=1000", "train.mixed_precision=no", "distill.ce_samples=2",
+])
+
+
+@pytest.mark.slow
+def test_ljspeech_recipe_runs_on_a_tiny_subset(tmp_path):
+    if not CORPUS.is_dir():
+        pytest.skip("demo corpus not installed (make corpus)")
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    for name in ("goodbye.wav", "hello-world.wav", "vm-goodbye.wav", "auth-thankyou.wav", "vm-password.wav"):
+        shutil.copy(CORPUS / name, wavs / name)  # 8 kHz files; prepare resamples them to 22.05 kHz
+    data, exp = tmp_path / "data", tmp_path / "exp"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(
+        ["bash", str(REPO / "recipes" / "ljspeech" / "run.sh"), "--wav-dir", str(wavs), "--data", str(data),
+         "--exp", str(exp), "--stop-stage", "4", "--utterances", "1", "--overrides", TINY],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((data / "summary.json").read_text())
+    assert summary["features"]["sample_rate"] == 22050 and summary["features"]["hop_length"] == 256
+    teacher = yaml.safe_load((exp / "teacher" / "checkpoints" / "latest" / "config.yaml").read_text())
+    assert teacher["model"]["layers"] == 30 and teacher["model"]["stacks"] == 3 and teacher["model"]["kernel_size"] == 3
+    student = yaml.safe_load((exp / "student" / "checkpoints" / "latest" / "config.yaml").read_text())
+    assert student["model"]["flow_layers"] == [10, 10, 10, 30] and student["model"]["residual_channels"] == 64
+    outs = sorted((exp / "wav" / "student").glob("*.wav"))
+    assert len(outs) == 1
+    info = sf.info(str(outs[0]))
+    assert info.samplerate == 22050 and info.subtype == "PCM_16" and info.frames % 256 == 0
