@@ -30,6 +30,7 @@ from .training import (
     restore,
     save,
     set_threads,
+    valid_segments,
 )
 
 TERMS = ("total", "kl", "cross_entropy", "entropy", "stft", "log_s_tot", "contrastive")
@@ -57,12 +58,7 @@ def validate(student, loss_fn, valid, tc, context, device, seed: int, mel_fn) ->
     student.eval()
     sums: dict[str, float] = {}
     n = 0
-    hop = student.hop
-    for i, (_, audio, mel) in enumerate(valid[: tc.valid_utterances]):
-        frames = min(mel.shape[1], max(1, tc.valid_segment_samples // hop))
-        a = audio[: frames * hop][None].to(device)
-        idx = torch.arange(-context, frames + context).clamp(0, mel.shape[1] - 1)
-        m = mel[:, idx][None].to(device)
+    for i, a, m in valid_segments(valid, tc, student.hop, context, device):
         g = _step_generator(seed, 10_000_000 + i, 0)
         z = student.noise_from_uniform(torch.rand(1, a.shape[1], generator=g, dtype=torch.float64)).float().to(device)
         _, terms, x = loss_fn(z, a, m, context, g)

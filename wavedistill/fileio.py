@@ -152,3 +152,17 @@ def read_json(path: str | Path, what: str) -> Any:
         raise UserError(f"{what} {path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{what} {path} is corrupt ({e}); delete it and re-run") from None
+
+
+def unique_names(stems: list[str]) -> list[str]:
+    """Output names from input stems; repeats become ``name-2``, ``name-3``... never taking another stem's name."""
+    natural = set(stems)
+    used: set[str] = set()
+    out = []
+    for s in stems:
+        name, k = s, 2
+        while name in used or (name != s and name in natural):
+            name, k = f"{s}-{k}", k + 1
+        used.add(name)
+        out.append(name)
+    return out

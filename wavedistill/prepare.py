@@ -21,7 +21,6 @@ import os
 import re
 import statistics
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from . import __version__
 from .audio import AudioError, MelExtractor, load_audio, trim_silence
 from .config import Config, FeatureConfig
 from .errors import UserError
-from .fileio import atomic_write_json, atomic_write_text, describe_os_error, read_json, save_tensors
+from .fileio import unique_names, atomic_write_json, atomic_write_text, describe_os_error, read_json, save_tensors
 
 SPLITS = ("train", "valid", "test")
 CLIP_LEVEL = 0.999  # a file whose peak reaches this is counted as clipped
@@ -132,17 +131,7 @@ def make_uttids(sources: list[Path]) -> list[str]:
     Files that map to the same id (``a.wav`` and ``a.flac``) get ``-2``, ``-3``...
     in sorted order, never taking a name another file maps to naturally.
     """
-    bases = [_base_id(rel) for rel in sources]
-    natural = Counter(bases)
-    used: set[str] = set()
-    ids = []
-    for b in bases:
-        u, k = b, 2
-        while u in used or (u != b and u in natural):
-            u, k = f"{b}-{k}", k + 1
-        used.add(u)
-        ids.append(u)
-    return ids
+    return unique_names([_base_id(rel) for rel in sources])
 
 
 def assign_splits(uttids: list[str], valid_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:

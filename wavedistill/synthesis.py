@@ -41,7 +41,7 @@ from .audio import AudioError, MelExtractor, load_audio, write_wav
 from .checkpoint import load_model, resolve_checkpoint
 from .config import FeatureConfig
 from .errors import UserError
-from .fileio import describe_os_error
+from .fileio import unique_names, describe_os_error
 
 LIST_SUFFIXES = (".txt", ".list", ".scp")
 MAX_SEED = 2**32  # the student's positional noise seeds generators with seed·1000003 + block
@@ -373,20 +373,6 @@ def load_mel_input(vocoder: Vocoder, path: Path) -> torch.Tensor:
     if not np.isfinite(arr).all():
         raise InputError("contains NaN or inf values")
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-
-
-def unique_names(stems: list[str]) -> list[str]:
-    """Output names from input stems; repeats become ``name-2``, ``name-3``... never taking another stem's name."""
-    natural = set(stems)
-    used: set[str] = set()
-    out = []
-    for s in stems:
-        name, k = s, 2
-        while name in used or (name != s and name in natural):
-            name, k = f"{s}-{k}", k + 1
-        used.add(name)
-        out.append(name)
-    return out
 
 
 def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:

@@ -31,6 +31,7 @@ from .training import (
     save,
     set_threads,
     spectrogram_png,
+    valid_segments,
 )
 
 LN2 = math.log(2.0)
@@ -47,12 +48,7 @@ def teacher_nll_bits(model: Teacher, audio: torch.Tensor, mel: torch.Tensor, con
 def validate(model: Teacher, valid, train_cfg, context: int, device) -> float:
     model.eval()
     total, count = 0.0, 0
-    hop = model.hop
-    for _, audio, mel in valid[: train_cfg.valid_utterances]:
-        frames = min(mel.shape[1], max(1, train_cfg.valid_segment_samples // hop))
-        a = audio[: frames * hop][None].to(device)
-        idx = torch.arange(-context, frames + context).clamp(0, mel.shape[1] - 1)
-        m = mel[:, idx][None].to(device)
+    for _, a, m in valid_segments(valid, train_cfg, model.hop, context, device):
         bits = teacher_nll_bits(model, a, m, context)
         total += bits.item() * a.shape[1]
         count += a.shape[1]

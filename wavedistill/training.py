@@ -124,6 +124,15 @@ class SegmentSampler:
         return seg, mel[:, idx]
 
 
+def valid_segments(valid, train: TrainConfig, hop: int, context: int, device):
+    """The fixed validation segments: the first ``valid_segment_samples`` of the first ``valid_utterances``,
+    each with ``context`` mel frames per side (edge-replicated).  Yields ``(index, audio [1, T], mel [1, n_mels, F])``."""
+    for i, (_, audio, mel) in enumerate(valid[: train.valid_utterances]):
+        frames = min(mel.shape[1], max(1, train.valid_segment_samples // hop))
+        idx = torch.arange(-context, frames + context).clamp(0, mel.shape[1] - 1)
+        yield i, audio[: frames * hop][None].to(device), mel[:, idx][None].to(device)
+
+
 def crop_condition(c: torch.Tensor, context: int, hop: int, length: int) -> torch.Tensor:
     start = context * hop
     return c[:, :, start : start + length]
