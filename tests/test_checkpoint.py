@@ -115,9 +115,10 @@ def test_latest_and_best_links(tmp_path):
     moved = tmp_path.parent / (tmp_path.name + "-moved")
     shutil.move(str(tmp_path), str(moved))
     try:
-        assert load_model(moved, kind="teacher")[2]["kind"] == "teacher"
+        kind = load_model(moved, kind="teacher")[2]["kind"]
     finally:
         shutil.move(str(moved), str(tmp_path))
+    assert kind == "teacher"
 
 
 def test_prune_keeps_recent_and_best(tmp_path):

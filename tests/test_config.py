@@ -257,8 +257,9 @@ def outcome(override: str):
     try:
         return load_config(None, [override])
     except UserError as e:
-        assert "\n" not in str(e).strip()
-        return e
+        err = e
+    assert "\n" not in str(err).strip()
+    return err
 
 
 @settings(max_examples=300, deadline=None, database=None)
