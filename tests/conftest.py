@@ -74,3 +74,14 @@ def demo_wav_dir() -> Path:
 def small_config() -> Config:
     """Default features (8 kHz, hop 80, 64 mels) and prepare settings."""
     return Config().validate()
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models step fastest single-threaded (and do not fight other jobs); restore the setting afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -188,7 +188,6 @@ def _warm_up() -> None:
     """Import every command's modules and JIT-compile librosa's kernels once, before forking (no threads are started)."""
     import importlib
 
-    import numpy as np
 
     for name in ("wavedistill.cli", "wavedistill.prepare", "wavedistill.train_teacher", "wavedistill.distill",
                  "wavedistill.synthesis", "wavedistill.evaluate", "wavedistill.bench", "accelerate", "tensorboard"):

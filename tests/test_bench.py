@@ -22,12 +22,7 @@ RESULT_FIELDS = ("generator", "checkpoint", "samples_per_second", "real_time_fac
                  "achieved_gflops", "fraction_of_peak")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def teacher_model() -> Teacher:

@@ -47,13 +47,7 @@ def extension():
         pytest.skip(f"fast CPU generator unavailable here: {fastgen.build_error()}")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The Python reference steps tiny models fastest single-threaded; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def small_teacher(output: str = "mol", mixtures: int = 3, kernel_size: int = 2, residual: int = 12, gate: int = 20,

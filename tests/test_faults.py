@@ -26,7 +26,7 @@ import torch
 import helpers_train as h
 from wavedistill import checkpoint as ckpt_mod
 from wavedistill import distributions
-from wavedistill.checkpoint import load_model, load_training_state, resolve_checkpoint, save_checkpoint
+from wavedistill.checkpoint import load_model, resolve_checkpoint, save_checkpoint
 from wavedistill.cli import main as cli_main
 from wavedistill.data import FeatureCache
 from wavedistill.errors import NonFiniteError, UserError

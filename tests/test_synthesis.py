@@ -22,13 +22,7 @@ from wavedistill.teacher import Teacher
 FC = FeatureConfig()  # 8 kHz, hop 80, 64 mels, n_fft 512
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and it does not fight other jobs on the machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_checkpoint(root: Path, kind: str, seed: int = 0) -> Path:

@@ -40,13 +40,7 @@ def random_audio(batch: int, length: int, seed: int = 2) -> torch.Tensor:
     return (torch.rand(batch, length, generator=torch.Generator().manual_seed(seed), dtype=F64) * 1.6 - 0.8)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Sample-by-sample generation of tiny models is fastest single-threaded; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --------------------------------------------------------------------------- causality

@@ -89,15 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--card", default=None, help="markdown model card to include as README.md")
     sp.set_defaults(func=_export)
 
-    _add_more_commands(sub)
-    return p
-
-
-def _add_more_commands(sub) -> None:
-    """synthesize / eval / bench live in cli_synthesis.py."""
     from .cli_synthesis import register
 
-    register(sub)
+    register(sub)  # synthesize, eval, bench
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:

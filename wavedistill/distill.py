@@ -23,7 +23,6 @@ from .training import (
     SegmentSampler,
     Throughput,
     check_resume,
-    grads_finite,
     lr_lambda,
     make_accelerator,
     note_bad_step,
@@ -148,8 +147,9 @@ def distill(config_path, teacher_path, data, out, overrides=None, max_steps=None
             acc.backward(total / tc.grad_accum)
             for key, v in terms.items():
                 step_terms[key] = step_terms.get(key, 0.0) + v / tc.grad_accum
-        if ok and not grads_finite(raw.parameters()):
-            ok = False
+        if ok:  # the total norm is non-finite exactly when some gradient is: no separate pass over them
+            gnorm = acc.clip_grad_norm_(student.parameters(), tc.grad_clip)
+            ok = bool(torch.isfinite(torch.as_tensor(gnorm)))
         if not ok:
             opt.zero_grad(set_to_none=True)
             note_bad_step(run, tc, "distillation loss or gradient not finite")
@@ -160,7 +160,6 @@ def distill(config_path, teacher_path, data, out, overrides=None, max_steps=None
                 save(acc, exp, "student", cfg, cfg.student, student, ema, opt, sched, run, False,
                      extra={"distill": dataclasses.asdict(dc), "teacher": str(teacher_path)})
             continue
-        gnorm = acc.clip_grad_norm_(student.parameters(), tc.grad_clip)
         opt.step()
         sched.step()
         run.step += 1

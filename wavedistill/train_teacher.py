@@ -23,7 +23,6 @@ from .training import (
     SegmentSampler,
     Throughput,
     check_resume,
-    grads_finite,
     lr_lambda,
     make_accelerator,
     note_bad_step,
@@ -124,8 +123,9 @@ def train_teacher(config_path, data, out, overrides=None, max_steps=None, resume
                 break
             acc.backward(loss / tc.grad_accum)
             loss_val += loss.item() / tc.grad_accum
-        if ok and not grads_finite(raw.parameters()):
-            ok = False
+        if ok:  # the total norm is non-finite exactly when some gradient is: no separate pass over them
+            gnorm = acc.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            ok = bool(torch.isfinite(torch.as_tensor(gnorm)))
         if not ok:
             opt.zero_grad(set_to_none=True)
             note_bad_step(run, tc, "loss or gradient not finite")
@@ -135,7 +135,6 @@ def train_teacher(config_path, data, out, overrides=None, max_steps=None, resume
                 acc.wait_for_everyone()
                 save(acc, exp, "teacher", cfg, cfg.teacher, model, ema, opt, sched, run, False)
             continue
-        gnorm = acc.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         sched.step()
         run.step += 1

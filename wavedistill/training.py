@@ -234,13 +234,6 @@ def save(acc, exp_dir: Path, kind: str, cfg: Config, model_cfg, model: nn.Module
     return path
 
 
-def grads_finite(parameters) -> bool:
-    for p in parameters:
-        if p.grad is not None and not torch.isfinite(p.grad).all():
-            return False
-    return True
-
-
 def note_bad_step(run: RunState, train: TrainConfig, what: str) -> None:
     run.bad_steps_total += 1
     run.bad_steps_in_row += 1
