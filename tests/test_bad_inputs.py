@@ -441,6 +441,11 @@ ROWS: list[Row] = [
         r"cannot resume: teacher.residual_channels was 8", _resume_changed, "exp"),
     Row("train-resume-student-run", "train-teacher", "--resume of a distillation run as teacher training",
         r"holds a student run", _resume_student_as_teacher, "exp"),
+    Row("train-init-from-missing", "train-teacher", "`train.init_from` naming a checkpoint that does not exist",
+        r"checkpoint .*nope does not exist", lambda w, d: _teacher_args(w, d, None, None, f"train.init_from={d / 'nope'}"), "exp"),
+    Row("train-init-from-student", "train-teacher", "`train.init_from` naming a student checkpoint (wrong kind)",
+        r"is a student checkpoint; a teacher run can only start from a teacher",
+        lambda w, d: _teacher_args(w, d, None, None, f"train.init_from={w.student}"), "exp"),
     # ---- distill
     Row("distill-teacher-missing", "distill", "--teacher that does not exist", r"checkpoint .* does not exist",
         lambda w, d: _distill_args(w, d, d / "nothing"), "exp"),

@@ -259,3 +259,66 @@ def test_teacher_learns_on_demo_speech(demo_wav_dir, tmp_path):
     # the saved EMA model scores what training reported
     model, _, _ = load_model(tmp_path / "exp", kind="teacher")
     assert validate(model, valid, cfg.train, model.cond.frame_context, "cpu") == pytest.approx(after[-1], abs=1e-4)
+
+
+# ---------------------------------------------------------------------------- warm start (train.init_from)
+
+
+def test_warm_start_gaussian_teacher_from_mol_trunk(corpus, trained, tmp_path):
+    """A Gaussian teacher started from a mixture-of-logistics run takes its trunk; only the head's last layer differs."""
+    from wavedistill.training import warm_start
+
+    conf, data = corpus
+    source, _, _ = load_model(trained)
+    cfg = load_config(conf, ["teacher.output=gaussian"])
+    fresh = Teacher(cfg.teacher, cfg.features.n_mels)
+    copied, total = warm_start(fresh, str(trained), "teacher", cfg.features)
+    src, own = source.state_dict(), fresh.state_dict()
+    skipped = sorted(k for k in own if not (k in src and src[k].shape == own[k].shape))
+    assert skipped == ["net.head2.bias", "net.head2.weight"]
+    assert (copied, total) == (len(own) - 2, len(own))
+    for k in own:
+        if k not in skipped:
+            assert torch.equal(own[k], src[k]), k
+
+
+def test_init_from_run_starts_from_the_source_weights(corpus, trained, tmp_path):
+    """train.init_from through train_teacher: the step-0 EMA and the run's first steps start from the source."""
+    conf, data = corpus
+    exp = tmp_path / "warm"
+    result = train_teacher(conf, data, exp, overrides=[f"train.init_from={trained}", "train.lr=1e-12"], max_steps=3)
+    assert result["step"] == 3
+    source, _, _ = load_model(trained)
+    warm, _, _ = load_model(exp)
+    # lr 1e-12 keeps the weights where the warm start put them
+    for k, v in source.state_dict().items():
+        assert torch.allclose(warm.state_dict()[k], v, atol=1e-6), k
+
+
+@pytest.mark.parametrize("override, message", [
+    ("features.n_mels=20", "other feature parameters"),
+])
+def test_init_from_refusals(corpus, trained, tmp_path, override, message):
+    conf, data = corpus
+    from wavedistill.training import warm_start
+
+    cfg = load_config(conf, [override])
+    with pytest.raises(UserError, match=message):
+        warm_start(Teacher(cfg.teacher, cfg.features.n_mels), str(trained), "teacher", cfg.features)
+
+
+def test_init_from_wrong_kind_refused(corpus, trained, tmp_path):
+    from wavedistill.student import Student
+    from wavedistill.training import warm_start
+
+    conf, _ = corpus
+    cfg = load_config(conf)
+    with pytest.raises(UserError, match="is a teacher checkpoint"):
+        warm_start(Student(cfg.student, cfg.features.n_mels), str(trained), "student", cfg.features)
+
+
+def test_init_from_missing_checkpoint_is_one_line(corpus, tmp_path):
+    conf, data = corpus
+    with pytest.raises(UserError, match="does not exist"):
+        train_teacher(conf, data, tmp_path / "x", overrides=[f"train.init_from={tmp_path / 'nope'}"], max_steps=1)
+    assert not (tmp_path / "x" / "checkpoints").exists()

@@ -155,6 +155,8 @@ class TrainConfig:
     sample_seconds: float = 0.5
     max_bad_steps: int = 20
     num_threads: int = 0
+    # warm start: copy every weight whose name and shape match from this checkpoint (fresh runs only)
+    init_from: Optional[str] = None
 
     def validate(self) -> None:
         _positive(

@@ -30,6 +30,7 @@ from .training import (
     save,
     set_threads,
     valid_segments,
+    warm_start,
 )
 
 TERMS = ("total", "kl", "cross_entropy", "entropy", "stft", "log_s_tot", "contrastive")
@@ -96,6 +97,10 @@ def distill(config_path, teacher_path, data, out, overrides=None, max_steps=None
     valid_set = cache.load_split("valid") or train_set[:2]
     torch.manual_seed(tc.seed)
     student = Student(cfg.student, cfg.features.n_mels)
+    if tc.init_from and ckpt is None:
+        copied, total = warm_start(student, tc.init_from, "student", cfg.features)
+        if acc.is_main_process:
+            print(f"warm start: {copied} of {total} tensors copied from {tc.init_from}", flush=True)
     student.cond.set_stats(*cache.mel_stats())
     ema = EMA(student, tc.ema_decay)
     opt = torch.optim.Adam(student.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)

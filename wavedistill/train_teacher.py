@@ -31,6 +31,7 @@ from .training import (
     set_threads,
     spectrogram_png,
     valid_segments,
+    warm_start,
 )
 
 LN2 = math.log(2.0)
@@ -73,6 +74,10 @@ def train_teacher(config_path, data, out, overrides=None, max_steps=None, resume
     rank, world = acc.process_index, acc.num_processes
     torch.manual_seed(tc.seed)
     model = Teacher(cfg.teacher, cfg.features.n_mels)
+    if tc.init_from and ckpt is None:
+        copied, total = warm_start(model, tc.init_from, "teacher", cfg.features)
+        if acc.is_main_process:
+            print(f"warm start: {copied} of {total} tensors copied from {tc.init_from}", flush=True)
     mean, std = cache.mel_stats()
     model.cond.set_stats(mean, std)
     ema = EMA(model, tc.ema_decay)

@@ -205,6 +205,34 @@ def check_resume(exp_dir: Path, resume: bool, kind: str, model_cfg, features) ->
     return ckpt
 
 
+def warm_start(model: nn.Module, source: str, kind: str, features) -> tuple[int, int]:
+    """Copy the weights of checkpoint ``source`` whose names and shapes match ``model``'s.
+
+    Used to start a run from a trained model of another layout, e.g. a Gaussian
+    teacher from a mixture-of-logistics teacher: the dilated-conv trunk and the
+    conditioning network carry over, the output head (other shape) starts fresh.
+    Returns ``(copied, total)`` tensor counts.
+    """
+    from .fileio import load_tensors
+
+    ckpt = resolve_checkpoint(source)
+    cfg = read_checkpoint_config(ckpt)
+    if cfg["kind"] != kind:
+        raise UserError(f"train.init_from={source} is a {cfg['kind']} checkpoint; a {kind} run can only start from a {kind}")
+    if cfg["features"] != dataclasses.asdict(features):
+        raise UserError(f"train.init_from={source} was trained on other feature parameters; use a checkpoint with the same features")
+    tensors = load_tensors(ckpt / "model.safetensors")
+    own = model.state_dict()
+    take = {k: v for k, v in tensors.items() if k in own and v.shape == own[k].shape}
+    for k, v in take.items():
+        if not torch.isfinite(v).all():
+            raise UserError(f"train.init_from={source}: tensor {k} holds NaN or inf values; the checkpoint is corrupt")
+    if not take:
+        raise UserError(f"train.init_from={source} shares no weights with this {kind} (no name and shape in common); check the config")
+    model.load_state_dict(take, strict=False)
+    return len(take), len(own)
+
+
 def restore(ckpt: Path, model: nn.Module, ema: EMA, optimizer, scheduler, run: RunState) -> None:
     from .fileio import load_tensors
 
