@@ -178,3 +178,56 @@ def test_eval_command_writes_metrics_report_and_wavs(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(report.rglob("*.tmp"))
     assert "| system |" in proc.stdout
+
+
+# ---------------------------------------------------------------------------- speech-frame MCD and F0 metrics
+
+
+def harmonic_tone(f0: float, seconds: float = 1.5, sample_rate: int = 8000, seed: int = 0) -> np.ndarray:
+    """A voiced stand-in with a known, steady F0: decaying harmonics under a smooth envelope, then silence."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    x = sum(np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 6)) / k for k in range(1, 8))
+    env = np.clip(np.sin(np.pi * t / (0.8 * seconds)), 0, None) * (t < 0.8 * seconds)
+    return (0.3 * x * env / np.abs(x).max()).astype(np.float32)
+
+
+def test_f0_metrics_known_answers():
+    scorer = Scorer(FC)
+    ref = harmonic_tone(150.0)
+    same, reasons = scorer.score(ref, ref)
+    assert reasons == {}
+    assert same["f0_rmse_cents"] == pytest.approx(0.0, abs=1e-9) and same["vuv_error"] == 0.0
+    # the same tone a semitone up: 100 cents off (pYIN's 10-cent bins and the frame edges leave a little slack)
+    up, _ = scorer.score(ref, harmonic_tone(150.0 * 2 ** (100 / 1200)))
+    assert up["f0_rmse_cents"] == pytest.approx(100.0, abs=15.0)
+    assert up["vuv_error"] < 0.1
+    # white noise of the same power is unvoiced: the voiced frames of the reference all count as V/UV errors
+    noise = np.random.default_rng(3).standard_normal(ref.shape[0]).astype(np.float32) * ref.std()
+    noisy, _ = scorer.score(ref, noise)
+    voiced_fraction = voiced_fraction(ref)
+    assert noisy["vuv_error"] > 0.7 * voiced_fraction > 0.3
+
+
+def voiced_fraction(x: np.ndarray) -> float:
+    from wavedistill.evaluate import f0_track
+
+    _, voiced = f0_track(x, FC.sample_rate, FC.hop_length, FC.n_fft)
+    return float(voiced.mean())
+
+
+def test_mcd_counts_speech_frames_only():
+    """Near-silent reference frames (below the 40 dB speech threshold) do not enter the MCD mean."""
+    from wavedistill.evaluate import speech_frames
+
+    rng = np.random.default_rng(1)
+    ref = rng.normal(-2.0, 0.5, size=(64, 40))
+    ref[:, 30:] = -11.5  # log-floor silence, far below the loudest frames
+    mask = speech_frames(ref)
+    assert mask[:30].all() and not mask[30:].any()
+    deg = ref.copy()
+    deg[:, 30:] = rng.normal(-8.0, 2.0, size=(64, 10))  # anything at all in the silence
+    assert mel_cepstral_distortion(ref, deg, frames=mask) == pytest.approx(0.0, abs=1e-12)
+    assert mel_cepstral_distortion(ref, deg) > 1.0
+    with pytest.raises(MetricUndefined):
+        mel_cepstral_distortion(ref, deg, frames=np.zeros(40, bool))

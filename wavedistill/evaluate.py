@@ -10,7 +10,13 @@ then scores each system against the recording:
 * ``mcd_db`` — mel-cepstral distortion in dB: cepstra are the orthonormal
   DCT-II of the natural-log mel spectrum (MFCC-like), coefficients
   ``1..D`` (``c0``, the level, excluded), ``(10/ln 10)·sqrt(2·Σ_d (c_d − c'_d)²)``
-  averaged over frames.
+  averaged over the speech frames of the reference (frames within
+  ``SPEECH_DB`` dB of its loudest; the spectral shape of near-silence at the
+  log floor says nothing about a vocoder and would dominate the mean).
+* ``f0_rmse_cents`` — RMS difference in cents of the pYIN F0 tracks (librosa)
+  over frames voiced in both signals; ``vuv_error`` — fraction of frames
+  whose voiced/unvoiced decision differs.  Together they say whether the
+  intonation and the voicing of the utterance survive vocoding.
 * ``log_mel_l1`` — mean absolute difference of the log-mels.
 * ``spectral_convergence`` — ``‖|S| − |Ŝ|‖_F / ‖|S|‖_F`` of the linear STFT magnitudes.
 
@@ -42,8 +48,11 @@ from .data import FeatureCache
 from .errors import UserError
 from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, describe_os_error
 
-METRICS = ("pesq", "stoi", "mcd_db", "log_mel_l1", "spectral_convergence")
-HIGHER_IS_BETTER = {"pesq": True, "stoi": True, "mcd_db": False, "log_mel_l1": False, "spectral_convergence": False}
+METRICS = ("pesq", "stoi", "mcd_db", "log_mel_l1", "spectral_convergence", "f0_rmse_cents", "vuv_error")
+HIGHER_IS_BETTER = {"pesq": True, "stoi": True, "mcd_db": False, "log_mel_l1": False, "spectral_convergence": False,
+                    "f0_rmse_cents": False, "vuv_error": False}
+SPEECH_DB = 40.0
+F0_MIN, F0_MAX = 50.0, 500.0
 GRIFFIN_LIM = "griffin_lim"
 GRIFFIN_LIM_ITERS = 32
 MCD_ORDER = 24
@@ -125,13 +134,47 @@ def mel_cepstrum(log_mel, order: int = MCD_ORDER) -> np.ndarray:
     return c[1 : order + 1]
 
 
-def mel_cepstral_distortion(ref_log_mel, deg_log_mel, order: int = MCD_ORDER) -> float:
-    """Mean over frames of ``(10/ln 10)·sqrt(2·Σ_{d=1..D} (c_d − c'_d)²)`` in dB."""
+def speech_frames(log_mel, db: float = SPEECH_DB) -> np.ndarray:
+    """Boolean mask of the frames of a natural-log magnitude mel within ``db`` dB of the loudest frame."""
+    level = np.log(np.sum(np.exp(_np(log_mel)), axis=0) + 1e-30)  # log of the frame's summed magnitude
+    return level >= level.max() - db / 20.0 * np.log(10.0)
+
+
+def mel_cepstral_distortion(ref_log_mel, deg_log_mel, order: int = MCD_ORDER, frames: np.ndarray | None = None) -> float:
+    """Mean over frames (all, or those where ``frames`` is true) of ``(10/ln 10)·sqrt(2·Σ_{d=1..D} (c_d − c'_d)²)`` in dB."""
     ref, deg = align(ref_log_mel, deg_log_mel)
+    if frames is not None:
+        keep = np.asarray(frames, dtype=bool)[: ref.shape[-1]]
+        ref, deg = ref[..., keep], deg[..., keep]
     if ref.shape[-1] == 0:
         raise MetricUndefined("no frames to compare")
     diff = mel_cepstrum(ref, order) - mel_cepstrum(deg, order)
     return float(np.mean(10.0 / np.log(10.0) * np.sqrt(2.0 * np.sum(diff**2, axis=0))))
+
+
+def f0_track(audio, sample_rate: int, hop_length: int, frame_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """pYIN F0 in Hz and the voiced flag per frame (librosa), searched between ``F0_MIN`` and ``F0_MAX``."""
+    import librosa
+
+    x = _np(audio).astype(np.float32)
+    f0, voiced, _ = librosa.pyin(x, fmin=F0_MIN, fmax=min(F0_MAX, sample_rate / 4), sr=sample_rate,
+                                 frame_length=frame_length, hop_length=hop_length, center=True)
+    return np.nan_to_num(f0), np.asarray(voiced, dtype=bool)
+
+
+def f0_errors(ref_track, deg_track) -> tuple[float, float]:
+    """``(F0 RMSE in cents over frames voiced in both, voiced/unvoiced decision error rate)``."""
+    (f_ref, v_ref), (f_deg, v_deg) = ref_track, deg_track
+    n = min(len(v_ref), len(v_deg))
+    f_ref, v_ref, f_deg, v_deg = f_ref[:n], v_ref[:n], f_deg[:n], v_deg[:n]
+    if not v_ref.any():
+        raise MetricUndefined("no voiced frames in the reference")
+    vuv = float(np.mean(v_ref != v_deg))
+    both = v_ref & v_deg
+    if not both.any():
+        return math.nan, vuv
+    cents = 1200.0 * np.log2(f_deg[both] / f_ref[both])
+    return float(np.sqrt(np.mean(cents**2))), vuv
 
 
 def log_mel_l1(ref_log_mel, deg_log_mel) -> float:
@@ -165,6 +208,16 @@ class Scorer:
     def __init__(self, features: FeatureConfig):
         self.features = features
         self.mel = MelExtractor(features)
+        self._f0_cache: tuple[bytes, tuple] | None = None
+
+    def _reference_f0(self, ref: np.ndarray, track) -> tuple:
+        """The reference's F0 track, computed once while consecutive calls score the same reference."""
+        import hashlib
+
+        key = hashlib.sha1(np.ascontiguousarray(ref).tobytes()).digest()
+        if self._f0_cache is None or self._f0_cache[0] != key:
+            self._f0_cache = (key, track(ref))
+        return self._f0_cache[1]
 
     def log_mel(self, audio) -> np.ndarray:
         x = torch.as_tensor(_np(audio), dtype=torch.float32)
@@ -185,12 +238,30 @@ class Scorer:
                 mels["ref"], mels["deg"] = self.log_mel(ref), self.log_mel(deg)
             return mels["ref"], mels["deg"]
 
+        def mcd():
+            r, d = mel_pair()
+            return mel_cepstral_distortion(r, d, order=min(MCD_ORDER, fc.n_mels - 1), frames=speech_frames(r))
+
+        pitch: dict[str, tuple[float, float]] = {}
+
+        def f0(which: int) -> float:
+            if not pitch:
+                track = lambda x: f0_track(x, fc.sample_rate, fc.hop_length, fc.n_fft)  # noqa: E731
+                rmse, vuv = f0_errors(self._reference_f0(ref, track), track(deg))
+                pitch["v"] = (rmse, vuv)
+            value = pitch["v"][which]
+            if math.isnan(value):
+                raise MetricUndefined("no frame voiced in both signals")
+            return value
+
         fns = {
             "pesq": lambda: pesq_score(ref, deg, fc.sample_rate),
             "stoi": lambda: stoi_score(ref, deg, fc.sample_rate),
-            "mcd_db": lambda: mel_cepstral_distortion(*mel_pair(), order=min(MCD_ORDER, fc.n_mels - 1)),
+            "mcd_db": mcd,
             "log_mel_l1": lambda: log_mel_l1(*mel_pair()),
             "spectral_convergence": lambda: spectral_convergence(ref, deg, fc.n_fft, fc.hop_length, fc.win_length),
+            "f0_rmse_cents": lambda: f0(0),
+            "vuv_error": lambda: f0(1),
         }
         for name, fn in fns.items():
             try:
@@ -293,7 +364,8 @@ def metrics_table(result: dict) -> list[str]:
     """Markdown table: one row per system, the mean of each metric."""
     rate, mode = result["config"]["pesq"]["sample_rate"], result["config"]["pesq"]["mode"]
     heads = {"pesq": f"PESQ ({mode}, {rate // 1000} kHz) ↑", "stoi": "STOI ↑", "mcd_db": "MCD (dB) ↓",
-             "log_mel_l1": "log-mel L1 ↓", "spectral_convergence": "spectral conv. ↓"}
+             "log_mel_l1": "log-mel L1 ↓", "spectral_convergence": "spectral conv. ↓",
+             "f0_rmse_cents": "F0 RMSE (cents) ↓", "vuv_error": "V/UV error ↓"}
     lines = ["| system | " + " | ".join(heads[m] for m in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     for name, sysres in result["systems"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt(sysres["mean"][m]) for m in METRICS) + " |")
@@ -385,7 +457,10 @@ def run_eval(checkpoints: list[str], data: str | Path, out: str | Path, split: s
             "systems": {GRIFFIN_LIM: f"librosa Griffin-Lim, {GRIFFIN_LIM_ITERS} iterations"}
             | {n: str(v.path) for n, v in zip(names, vocoders)},
             "features": dataclasses.asdict(fc), "pesq": {"sample_rate": rate, "mode": mode},
-            "mcd": {"order": min(MCD_ORDER, fc.n_mels - 1), "cepstrum": "orthonormal DCT-II of natural-log mel, c0 excluded"},
+            "mcd": {"order": min(MCD_ORDER, fc.n_mels - 1), "cepstrum": "orthonormal DCT-II of natural-log mel, c0 excluded",
+                    "frames": f"reference frames within {SPEECH_DB:g} dB of its loudest"},
+            "f0": {"method": "librosa.pyin", "fmin_hz": F0_MIN, "fmax_hz": min(F0_MAX, fc.sample_rate / 4),
+                   "rmse": "cents, over frames voiced in both"},
             "griffin_lim": {"n_iter": GRIFFIN_LIM_ITERS, "seed": seed},
             "higher_is_better": HIGHER_IS_BETTER,
         }}
