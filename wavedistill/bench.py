@@ -12,6 +12,21 @@ and with ``torch.cuda.synchronize`` around GPU work, the median of
 * ``student``        — one parallel pass of :meth:`Student.synthesize` on ``S`` seconds;
 * ``griffin-lim``    — librosa mel inversion + 32 Griffin-Lim iterations (CPU).
 
+The entries above run the reference PyTorch layers.  On CUDA, with ``triton``
+installed, the fused residual-layer kernels (:mod:`wavedistill.kernels`) are
+measured beside them on the same input:
+
+* ``student-fused``          — ``student`` through the fused kernels;
+* ``teacher-scoring``        — one parallel likelihood pass :meth:`Teacher.log_prob`
+  over ``S`` seconds (the teacher's work in distillation and scoring);
+* ``teacher-scoring-fused``  — the same through the fused kernels;
+* ``teacher-persistent``     — autoregressive generation in the persistent Triton kernel
+  (:class:`~wavedistill.kernels.ar_triton.TritonARGenerator`, one program per stream), one stream;
+* ``teacher-persistent-x16`` — the same with 16 streams at once; its samples/s is the total over
+  the streams (per stream: divide by ``streams``).
+
+Elsewhere these are listed under the report's ``skipped`` key with the reason.
+
 FLOPs per sample are counted analytically from the model config (a
 multiply-add is 2 FLOPs; elementwise work is not counted), and compared with
 the peak of a large float32 matmul measured in the same run.
@@ -30,10 +45,12 @@ from typing import Callable
 
 import torch
 
+from . import kernels
 from .config import FeatureConfig
 from .errors import UserError
 from .fileio import atomic_write_bytes, atomic_write_json, describe_os_error
 
+PERSISTENT_STREAMS = 16  # streams of the batched persistent-kernel entry
 NAIVE_MAX_SECONDS = 0.02  # the naive reference recomputes the receptive field per sample: keep it short
 GRIFFIN_LIM_ITERS = 32
 
@@ -176,7 +193,72 @@ def _entry(generator: str, checkpoint: str | None, device: torch.device, sample_
     }
 
 
-def bench_checkpoint(voc, seconds: float, repeats: int, peak: float, temperature: float = 1.0) -> list[dict]:
+def fused_unavailable(device: torch.device) -> str | None:
+    """Why the fused-kernel entries are not measured on ``device`` (None when they are)."""
+    if device.type != "cuda":
+        return "needs a CUDA device (the Triton kernels run on CPU only in Triton's interpreter, for tests)"
+    if not kernels.triton_available():
+        return "needs the triton package, which does not import here"
+    return None
+
+
+def _skip(generator: str, checkpoint: str | None, device: torch.device, reason: str) -> dict:
+    return {"generator": generator, "checkpoint": checkpoint, "device": str(device), "reason": reason}
+
+
+def bench_checkpoint(voc, seconds: float, repeats: int, peak: float, temperature: float = 1.0,
+                     skipped: list[dict] | None = None) -> list[dict]:
+    """Result entries for one checkpoint; entries that cannot run here are appended to ``skipped``."""
+    with kernels.use_mode("reference"):
+        results = _bench_reference(voc, seconds, repeats, peak, temperature)
+    results.extend(_bench_fused(voc, seconds, repeats, peak, temperature, skipped if skipped is not None else []))
+    return results
+
+
+def _bench_fused(voc, seconds: float, repeats: int, peak: float, temperature: float, skipped: list[dict]) -> list[dict]:
+    """The parallel passes through the reference layers and through the fused kernels, side by side (CUDA)."""
+    model, fc, dev = voc.model, voc.features, voc.device
+    name = str(voc.path)
+    persistent = ["teacher-persistent", f"teacher-persistent-x{PERSISTENT_STREAMS}"]
+    names = ["student-fused"] if voc.kind == "student" else ["teacher-scoring", "teacher-scoring-fused"] + persistent
+    reason = fused_unavailable(dev)
+    if reason is not None:
+        skipped.extend(_skip(n, name, dev, reason) for n in names)
+        return []
+    mel = bench_mel(fc, seconds, dev, voc.dtype)
+    samples = mel.shape[2] * voc.hop
+    if voc.kind == "student":
+        with kernels.use_mode("triton"):
+            times = time_call(lambda: model.synthesize(mel, seed=0, temperature=temperature), dev, repeats)
+        return [_entry("student-fused", name, dev, fc.sample_rate, samples, times, student_flops_per_sample(model), peak)]
+    g = torch.Generator().manual_seed(0)
+    audio = (0.3 * torch.randn(1, samples, generator=g)).clamp(-1.0, 1.0).to(dev)
+    flops = teacher_flops_per_sample(model)
+    results = []
+    for generator, mode in (("teacher-scoring", "reference"), ("teacher-scoring-fused", "triton")):
+        with kernels.use_mode(mode):
+            times = time_call(lambda: model.log_prob(audio, mel), dev, repeats)
+        results.append(_entry(generator, name, dev, fc.sample_rate, samples, times, flops, peak))
+    from .kernels import ar_triton
+
+    reason = ar_triton.unsupported_reason(model)
+    if reason is not None:
+        skipped.extend(_skip(n, name, dev, reason) for n in persistent)
+        return results
+    gen = ar_triton.TritonARGenerator(model)
+    for generator, streams in zip(persistent, (1, PERSISTENT_STREAMS)):
+        def generate(m=mel.expand(streams, -1, -1), n=streams):  # conditioning and noise timed, as in teacher-cached
+            c = model.condition(m)
+            return gen.run(c, model.make_noise(n, c.shape[2], 0, dev), temperature)
+
+        times = time_call(generate, dev, repeats)
+        entry = _entry(generator, name, dev, fc.sample_rate, streams * samples, times, flops, peak)
+        entry["streams"] = streams
+        results.append(entry)
+    return results
+
+
+def _bench_reference(voc, seconds: float, repeats: int, peak: float, temperature: float) -> list[dict]:
     model, fc, dev = voc.model, voc.features, voc.device
     sr, hop = fc.sample_rate, voc.hop
     name = str(voc.path)
@@ -246,6 +328,8 @@ def format_table(report: dict) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in report.get("skipped", []):
+        lines.append(f"skipped {r['generator']} ({checkpoint_label(r['checkpoint'])}): {r['reason']}")
     lines.append(f"device {report['device']}, {report['threads']} thread(s), peak {report['peak_gflops']:.1f} GFLOP/s "
                  f"(fp32 matmul); RTF = compute s per audio s (<1 is faster than real time)")
     return "\n".join(lines)
@@ -297,9 +381,9 @@ def run_bench(checkpoints: list[str], device: str = "cpu", seconds: float = 1.0,
     vocoders = [Vocoder.load(c, device) for c in checkpoints]
     dev = vocoders[0].device
     peak = peak_gflops(dev)
-    results = []
+    results, skipped = [], []
     for voc in vocoders:
-        results.extend(bench_checkpoint(voc, seconds, repeats, peak))
+        results.extend(bench_checkpoint(voc, seconds, repeats, peak, skipped=skipped))
     if griffin_lim:
         cpu_peak = peak if dev.type == "cpu" else peak_gflops(torch.device("cpu"))
         results.append(bench_griffin_lim(vocoders[0].features, seconds, repeats, cpu_peak))
@@ -313,6 +397,7 @@ def run_bench(checkpoints: list[str], device: str = "cpu", seconds: float = 1.0,
         "repeats": repeats,
         "peak_gflops": peak,
         "results": results,
+        "skipped": skipped,
     }
     print(format_table(report))
     try:

@@ -144,6 +144,8 @@ class TrainConfig:
     grad_accum: int = 1
     max_steps: int = 100000
     mixed_precision: Literal["no", "bf16"] = "no"
+    # residual layers: fused Triton kernels on CUDA when available (auto), or forced (see wavedistill.kernels)
+    kernels: Literal["auto", "reference", "triton"] = "auto"
     seed: int = 1234
     log_every: int = 10
     valid_every: int = 200

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from .audio import MelExtractor
 from .checkpoint import load_model
+from . import kernels
 from .config import load_config
 from .data import FeatureCache
 from .errors import UserError
@@ -87,6 +88,7 @@ def distill(config_path, teacher_path, data, out, overrides=None, max_steps=None
 
     acc = make_accelerator(tc, exp)
     rank, world = acc.process_index, acc.num_processes
+    impl = kernels.configure(tc.kernels, acc.device)  # residual layers: fused Triton or reference
     teacher = load_frozen_teacher(teacher_path, cfg.features, acc.device)
     if dc.loss == "clarinet" and teacher.cfg.output != "gaussian":
         raise UserError(f"distill.loss=clarinet needs a Gaussian teacher, but {teacher_path} outputs '{teacher.cfg.output}'")
@@ -123,7 +125,7 @@ def distill(config_path, teacher_path, data, out, overrides=None, max_steps=None
         acc.init_trackers("student")
         n_params = sum(p.numel() for p in raw.parameters())
         print(f"student: {n_params / 1e6:.2f} M parameters, {len(cfg.student.flow_layers)} flows, receptive field "
-              f"{raw.receptive_field}; loss {dc.loss}; teacher {teacher_path}; start step {run.step}", flush=True)
+              f"{raw.receptive_field}; loss {dc.loss}; teacher {teacher_path}; {impl} residual layers; start step {run.step}", flush=True)
     writer = acc.get_tracker("tensorboard", unwrap=True) if acc.is_main_process else None
     bar = tqdm(total=tc.max_steps, initial=run.step, disable=not acc.is_main_process, desc="distill", dynamic_ncols=True)
     meter = Throughput()

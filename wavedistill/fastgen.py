@@ -346,11 +346,30 @@ def supports(teacher) -> bool:
 def make_generator(teacher, fast: bool | None = None, threads: int = 1):
     """The generator :meth:`Teacher.generate` should use.
 
-    ``fast=None``: :class:`FastCachedGenerator` when :func:`supports` says so, else the Python
-    :class:`~wavedistill.generation.CachedGenerator`; ``fast=True``: the compiled one or an error
-    saying why not; ``fast=False``: the Python one.  ``threads``: see :class:`FastCachedGenerator`.
+    ``fast=None``: the compiled generator for the teacher's device when it can run there, else the
+    Python :class:`~wavedistill.generation.CachedGenerator`; ``fast=True``: the compiled one or an
+    error saying why not; ``fast=False``: the Python one.  Compiled means the persistent Triton
+    kernel (:class:`~wavedistill.kernels.ar_triton.TritonARGenerator`) for a CUDA teacher, or under
+    ``WAVEDISTILL_KERNELS=triton`` (CPU tensors then need ``TRITON_INTERPRET=1``), and
+    :class:`FastCachedGenerator` on the CPU otherwise (``threads``: see there).
+    ``WAVEDISTILL_KERNELS=reference`` keeps CUDA teachers on the Python generator.
     """
     if fast is False:
+        return CachedGenerator(teacher)
+    from . import kernels
+
+    mode = kernels.get_mode()
+    if mode == "triton" or next(teacher.parameters()).device.type == "cuda":
+        if not kernels.triton_available():
+            reason = "the 'triton' package does not import here"
+        else:
+            from .kernels import ar_triton
+
+            reason = ar_triton.unsupported_reason(teacher)
+            if reason is None:
+                return ar_triton.TritonARGenerator(teacher)
+        if fast or mode == "triton":
+            raise ValueError(f"fast generation is unavailable: {reason}")
         return CachedGenerator(teacher)
     if fast is None and not supports(teacher):
         return CachedGenerator(teacher)

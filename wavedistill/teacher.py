@@ -83,8 +83,11 @@ class Teacher(nn.Module):
                  fast: bool | None = None) -> torch.Tensor:
         """Autoregressive sampling with cached per-layer queues; returns ``[B, frames*hop]``.
 
-        ``fast=None`` uses the compiled CPU generator (:mod:`wavedistill.fastgen`) for a float32 CPU
-        teacher when it builds here, else the Python one; ``True`` requires it; ``False`` forces Python.
+        ``fast=None`` uses a compiled generator when one runs here — the persistent Triton kernel
+        (:mod:`wavedistill.kernels.ar_triton`) for a float32 CUDA teacher unless
+        ``WAVEDISTILL_KERNELS=reference``, the C++ one (:mod:`wavedistill.fastgen`) for a float32 CPU
+        teacher — else the Python one; ``True`` requires it; ``False`` forces Python
+        (see :func:`wavedistill.fastgen.make_generator`).
         """
         from .fastgen import make_generator
 

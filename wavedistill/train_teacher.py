@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import kernels
 from .config import load_config
 from .distributions import quantize
 from .data import FeatureCache
@@ -72,6 +73,7 @@ def train_teacher(config_path, data, out, overrides=None, max_steps=None, resume
 
     acc = make_accelerator(tc, exp)
     rank, world = acc.process_index, acc.num_processes
+    impl = kernels.configure(tc.kernels, acc.device)  # residual layers: fused Triton or reference
     torch.manual_seed(tc.seed)
     model = Teacher(cfg.teacher, cfg.features.n_mels)
     if tc.init_from and ckpt is None:
@@ -101,7 +103,7 @@ def train_teacher(config_path, data, out, overrides=None, max_steps=None, resume
     if acc.is_main_process:
         print(
             f"teacher: {n_params / 1e6:.2f} M parameters, receptive field {raw.receptive_field} samples, "
-            f"{len(train_set)} train / {len(valid_set)} valid utterances, {world} process(es), start step {run.step}",
+            f"{len(train_set)} train / {len(valid_set)} valid utterances, {world} process(es), {impl} residual layers, start step {run.step}",
             flush=True,
         )
     bar = tqdm(total=tc.max_steps, initial=run.step, disable=not acc.is_main_process, desc="teacher", dynamic_ncols=True)
