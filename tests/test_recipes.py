@@ -45,3 +45,37 @@ def test_ljspeech_recipe_runs_on_a_tiny_subset(tmp_path):
     assert len(outs) == 1
     info = sf.info(str(outs[0]))
     assert info.samplerate == 22050 and info.subtype == "PCM_16" and info.frames % 256 == 0
+
+
+@pytest.mark.slow
+def test_demo_recipe_clarinet_variant_runs_end_to_end(tmp_path):
+    """`run.sh --variant clarinet`: Gaussian teacher, Gaussian IAF student (closed-form KL), synthesis and eval."""
+    if not CORPUS.is_dir():
+        pytest.skip("demo corpus not installed (make corpus)")
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    for name in ("goodbye.wav", "hello-world.wav", "vm-goodbye.wav", "auth-thankyou.wav", "vm-password.wav",
+                 "vm-intro.wav", "auth-incorrect.wav", "vm-nomore.wav"):
+        shutil.copy(CORPUS / name, wavs / name)
+    data, exp = tmp_path / "data", tmp_path / "exp"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(
+        ["bash", str(REPO / "recipes" / "demo" / "run.sh"), "--variant", "clarinet", "--wav-dir", str(wavs),
+         "--data", str(data), "--exp", str(exp), "--stop-stage", "5", "--utterances", "1", "--overrides", TINY],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    teacher = yaml.safe_load((exp / "teacher" / "checkpoints" / "latest" / "config.yaml").read_text())
+    assert teacher["model"]["output"] == "gaussian"
+    student = yaml.safe_load((exp / "student" / "checkpoints" / "latest" / "config.yaml").read_text())
+    assert student["model"]["distribution"] == "gaussian"
+    assert len(list((exp / "wav" / "student").glob("*.wav"))) == 1
+    metrics = json.loads((exp / "report" / "metrics.json").read_text())
+    assert {"griffin_lim", "teacher", "student"} <= set(metrics["systems"])
+
+
+def test_demo_recipe_rejects_an_unknown_variant(tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "recipes" / "demo" / "run.sh"), "--variant", "wavernn", "--exp", str(tmp_path / "e")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown --variant wavernn" in proc.stderr
+    assert not (tmp_path / "e").exists()

@@ -3,8 +3,8 @@
 #
 #   stage 0  data        check the corpus directory
 #   stage 1  prepare     feature cache (waveforms + log-mels, splits, statistics)
-#   stage 2  teacher     train the WaveNet teacher (MoL, maximum likelihood)
-#   stage 3  distill     distill the parallel IAF student (Parallel WaveNet loss)
+#   stage 2  teacher     train the WaveNet teacher (MoL, or one Gaussian for ClariNet; max. likelihood)
+#   stage 3  distill     distill the parallel IAF student (Parallel WaveNet loss, or ClariNet's)
 #   stage 4  synthesize  copy-synthesis of held-out utterances with the student
 #   stage 5  eval        PESQ/STOI/MCD/log-mel/SC vs ground truth and Griffin-Lim
 #   stage 6  bench       generation speed vs the machine's measured matmul peak
@@ -12,6 +12,9 @@
 # Usage: recipes/demo/run.sh [--stage N] [--stop-stage N] [--wav-dir DIR] [--data DIR] [--exp DIR]
 #                            [--teacher-config YAML] [--student-config YAML] [--utterances N]
 #                            [--overrides "section.key=value ..."]   (passed to train-teacher and distill)
+#                            [--variant parallel_wavenet|clarinet]
+# --variant clarinet trains a single-Gaussian teacher and a Gaussian IAF student with the closed-form
+# KL (conf/clarinet_*_quick.yaml) into exp/demo-clarinet, and compares with checkpoints/demo/clarinet-*.
 # Every stage is idempotent: re-running resumes or redoes it without harm.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -22,10 +25,12 @@ stop_stage=100
 wav_dir=${RECIPE_WAV_DIR:-/usr/share/asterisk/sounds/en_US_f_Allison}
 data=${RECIPE_DATA:-data/demo}
 exp=${RECIPE_EXP:-exp/demo}
-teacher_conf=${RECIPE_TEACHER_CONF:-recipes/demo/conf/teacher_quick.yaml}
-student_conf=${RECIPE_STUDENT_CONF:-recipes/demo/conf/student_quick.yaml}
+teacher_conf=${RECIPE_TEACHER_CONF:-}
+student_conf=${RECIPE_STUDENT_CONF:-}
+exp_set=${RECIPE_EXP:+1}
 utterances=4
 overrides=""
+variant=parallel_wavenet
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -33,15 +38,24 @@ while [ $# -gt 0 ]; do
     --stop-stage) stop_stage=$2; shift 2 ;;
     --wav-dir) wav_dir=$2; shift 2 ;;
     --data) data=$2; shift 2 ;;
-    --exp) exp=$2; shift 2 ;;
+    --exp) exp=$2; exp_set=1; shift 2 ;;
+    --variant) variant=$2; shift 2 ;;
     --teacher-config) teacher_conf=$2; shift 2 ;;
     --student-config) student_conf=$2; shift 2 ;;
     --utterances) utterances=$2; shift 2 ;;
     --overrides) overrides=$2; shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+
+case "$variant" in
+  parallel_wavenet) prefix=""; shipped_names="teacher student" ;;
+  clarinet) prefix="clarinet_"; shipped_names="clarinet-teacher clarinet-student"; [ -n "$exp_set" ] || exp=exp/demo-clarinet ;;
+  *) echo "run.sh: unknown --variant $variant; choose parallel_wavenet or clarinet" >&2; exit 2 ;;
+esac
+teacher_conf=${teacher_conf:-recipes/demo/conf/${prefix}teacher_quick.yaml}
+student_conf=${student_conf:-recipes/demo/conf/${prefix}student_quick.yaml}
 
 if [ -x .venv/bin/wavedistill ]; then wd=.venv/bin/wavedistill; py=.venv/bin/python; else wd=wavedistill; py=python3; fi
 run() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
@@ -89,7 +103,8 @@ PY
 fi
 
 ckpts=(--checkpoint "$exp/teacher/checkpoints/latest" --checkpoint "$exp/student/checkpoints/latest")
-for shipped in checkpoints/demo/teacher checkpoints/demo/student; do
+for name in $shipped_names; do
+  shipped=checkpoints/demo/$name
   [ -f "$shipped/model.safetensors" ] && ckpts+=(--checkpoint "$shipped")
 done
 
