@@ -28,7 +28,9 @@ measured beside them on the same input:
 Elsewhere these are listed under the report's ``skipped`` key with the reason.
 
 FLOPs per sample are counted analytically from the model config (a
-multiply-add is 2 FLOPs; elementwise work is not counted), and compared with
+multiply-add is 2 FLOPs; elementwise work is not counted; the autoregressive
+entries count the conditioning projections at frame rate, as they are computed,
+the parallel passes per sample), and compared with
 the peak of a large float32 matmul measured in the same run.
 """
 
@@ -48,6 +50,7 @@ import torch
 from . import kernels
 from .config import FeatureConfig
 from .errors import UserError
+from .generation import FrameConditioning
 from .fileio import atomic_write_bytes, atomic_write_json, describe_os_error
 
 PERSISTENT_STREAMS = 16  # streams of the batched persistent-kernel entry
@@ -87,7 +90,23 @@ def conditioning_flops(n_mels: int, cond: int, scales: list[int]) -> float:
 
 
 def teacher_flops_per_sample(teacher) -> float:
-    """A cached generation step (the work is independent of the receptive field)."""
+    """A cached generation step (the work is independent of the receptive field).
+
+    The conditioning projections of all ``L`` layers are computed at frame rate and then upsampled
+    (:class:`~wavedistill.generation.FrameConditioning`): ``2·C·L·G/hop`` for the projection plus
+    ``2·(2·ctx+1)·L·G`` for the banded upsampling per sample (``ctx = upsample_context``; block
+    context is not counted), plus the frame conv — instead of ``2·C·G`` per layer and sample.
+    """
+    cfg = teacher.cfg
+    net = wavenet_flops(cfg.layers, cfg.kernel_size, cfg.residual_channels, cfg.gate_channels, cfg.skip_channels,
+                        0, teacher.dist.n_params)
+    hop, ctx, lg = teacher.cond.hop, teacher.cond.upsample_context, cfg.layers * cfg.gate_channels
+    frame_conv = 2 * 5 * teacher.n_mels * cfg.cond_channels / hop
+    return net + frame_conv + 2 * cfg.cond_channels * lg / hop + 2 * (2 * ctx + 1) * lg
+
+
+def teacher_scoring_flops_per_sample(teacher) -> float:
+    """One parallel (teacher-forced) pass: every layer projects the upsampled conditioning per sample."""
     cfg = teacher.cfg
     net = wavenet_flops(cfg.layers, cfg.kernel_size, cfg.residual_channels, cfg.gate_channels, cfg.skip_channels,
                         cfg.cond_channels, teacher.dist.n_params)
@@ -238,7 +257,8 @@ def _bench_fused(voc, seconds: float, repeats: int, peak: float, temperature: fl
     for generator, mode in (("teacher-scoring", "reference"), ("teacher-scoring-fused", "triton")):
         with kernels.use_mode(mode):
             times = time_call(lambda: model.log_prob(audio, mel), dev, repeats)
-        results.append(_entry(generator, name, dev, fc.sample_rate, samples, times, flops, peak))
+        results.append(_entry(generator, name, dev, fc.sample_rate, samples, times,
+                              teacher_scoring_flops_per_sample(model), peak))
     from .kernels import ar_triton
 
     reason = ar_triton.unsupported_reason(model)
@@ -248,7 +268,7 @@ def _bench_fused(voc, seconds: float, repeats: int, peak: float, temperature: fl
     gen = ar_triton.TritonARGenerator(model)
     for generator, streams in zip(persistent, (1, PERSISTENT_STREAMS)):
         def generate(m=mel.expand(streams, -1, -1), n=streams):  # conditioning and noise timed, as in teacher-cached
-            c = model.condition(m)
+            c = FrameConditioning.from_mel(model.cond, m)
             return gen.run(c, model.make_noise(n, c.shape[2], 0, dev), temperature)
 
         times = time_call(generate, dev, repeats)
@@ -288,7 +308,7 @@ def _bench_reference(voc, seconds: float, repeats: int, peak: float, temperature
         gen = fg.FastCachedGenerator(model)
 
         def fused(m=mel):
-            c = model.condition(m)
+            c = FrameConditioning.from_mel(model.cond, m)
             noise = model.make_noise(c.shape[0], c.shape[2], 0, c.device, c.dtype)
             return gen.run(c, noise, temperature)
 

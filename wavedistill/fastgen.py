@@ -12,15 +12,18 @@ cache at every step) instead of Python overhead.  Results agree with the
 Python generator to float32 rounding (~2e-7), because the sums run in a
 different order; see ``tests/test_fastgen.py``.
 
-Everything inside the loop runs in the extension, with no torch operation
-between its calls: the conditioning projections of all layers (as
-``CachedGenerator.cond_block`` does, one matrix product per chunk of 32 steps,
-kept in cache) and the sampling from explicit uniform noise (Gumbel-max over
+Everything inside the loop runs in the extension: the sampling from explicit uniform noise (Gumbel-max over
 the mixture logits, logistic or normal inverse CDF, with the clamps and
-operation order of :mod:`wavedistill.distributions`).  Keeping torch out
-matters on a busy machine: even one small parallel torch op per block leaves
-OpenMP workers spinning on the other core, which cost this path ~40% of its
-speed in measurements.
+operation order of :mod:`wavedistill.distributions`).  The conditioning
+projections of all layers come from Python: with a
+:class:`~wavedistill.generation.FrameConditioning` (what :meth:`Teacher.generate`
+passes) they are computed at frame rate and upsampled, ``PROJECTION_BLOCK``
+steps at a time, laid out ``[T, B, L·G]`` and read in place by the extension;
+with a plain upsampled ``c [B, C, T]`` (the per-sample reference) the extension
+projects every step itself (one matrix product per chunk of 32 steps, kept in
+cache).  The torch work between calls runs on ``threads`` intra-op threads:
+on a busy machine a parallel torch op leaves OpenMP workers spinning on the
+other core, which cost this path ~40% of its speed in measurements.
 
 The extension is compiled on first use with :func:`torch.utils.cpp_extension.load`
 (``-O3 -march=native``, no fast-math: tanh and sigmoid use ~1-ulp polynomial
@@ -51,7 +54,7 @@ from pathlib import Path
 import torch
 
 from .distributions import DiscretizedGaussian, DiscretizedMixtureOfLogistics
-from .generation import CachedGenerator, GenerationCache
+from .generation import PROJECTION_BLOCK, CachedGenerator, FrameConditioning, GenerationCache
 from .layers import SQRT_HALF
 
 __all__ = [
@@ -63,7 +66,7 @@ _SOURCE = Path(__file__).resolve().parent / "csrc" / "fastgen.cpp"
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
 _LDFLAGS = ["-pthread"]
 _PAD = 16  # floats; must equal PAD in fastgen.cpp
-_ABI = 5
+_ABI = 6
 
 _lock = threading.Lock()
 _lib = None
@@ -254,6 +257,7 @@ class FastCachedGenerator:
         LGp = _pad(L * G)
         wc = torch.zeros(C, LGp)
         wc[:, : L * G] = ref.w_cond.t()  # [C, L*G]: column l*G + g
+        self._c_index = len(cfg) + 2 + len(heads)  # where C sits: 0 there means "projections given"
         cfg += [off_in, off_bin] + heads + [C, LGp, put(wc)]
         for d, (w_taps, b_conv, w_out, b_out) in zip(ref.dilations, ref.layers):
             wg = torch.zeros(k, Rp, G)
@@ -267,6 +271,8 @@ class FastCachedGenerator:
             cfg += [d, put(wg), put(gate_cols(b_conv)), put(wo), put(bo)]
         self.weights = torch.cat(chunks).contiguous()
         self.cfg = torch.tensor(cfg, dtype=torch.int64)
+        self.cfg_given = self.cfg.clone()
+        self.cfg_given[self._c_index] = 0
         self.dims = dict(L=L, k=k, R=R, G=G, S=S, P=P, C=C)
         self.skip_scale = ref.skip_scale
 
@@ -275,10 +281,11 @@ class FastCachedGenerator:
         return self.ref.new_cache(batch)
 
     @torch.no_grad()
-    def run(self, c: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0, cache: GenerationCache | None = None,
+    def run(self, c, noise: torch.Tensor, temperature: float = 1.0, cache: GenerationCache | None = None,
             progress=None, return_params: bool = False):
-        """Same contract as :meth:`CachedGenerator.run`: conditioning ``c [B, C, T]`` and uniform
-        ``noise [B, n_noise, T]`` → samples ``[B, T]``.
+        """Same contract as :meth:`CachedGenerator.run`: conditioning ``c`` (a
+        :class:`~wavedistill.generation.FrameConditioning`, or upsampled ``[B, C, T]``: the per-sample
+        reference) and uniform ``noise [B, n_noise, T]`` → samples ``[B, T]``.
 
         With ``return_params=True`` also returns the distribution parameters of every step
         ``[B, P, T]`` (what ``CachedGenerator.step`` returned), for testing.
@@ -288,7 +295,13 @@ class FastCachedGenerator:
             raise ValueError("FastCachedGenerator runs on the CPU; move c to the CPU")
         if C != self.dims["C"]:
             raise ValueError(f"c has {C} channels, the teacher expects {self.dims['C']}")
-        cf = c if c.dtype == torch.float32 else c.to(torch.float32)
+        frame_rate = isinstance(c, FrameConditioning)
+        if frame_rate:
+            if c.dtype != torch.float32:
+                c = FrameConditioning(c.cond, c.h.float(), c.start, c.stop)
+            cf = c
+        else:
+            cf = c if c.dtype == torch.float32 else c.to(torch.float32)
         if noise.device.type != "cpu":
             raise ValueError("FastCachedGenerator runs on the CPU; move noise to the CPU")
         nf = noise if noise.dtype == torch.float32 else noise.to(torch.float32)  # as dist.sample casts it
@@ -309,12 +322,24 @@ class FastCachedGenerator:
         params = torch.empty(T, B, self.dims["P"], dtype=torch.float32) if return_params else None
         teams = min(self.threads, B)
         team_size = self.threads // teams if self.split_channels else 1
+        span = self.block * max(1, -(-PROJECTION_BLOCK // self.block))  # steps per projection block
+        proj = proj_start = None
         for start in range(0, T, self.block):
             stop = min(T, start + self.block)
-            cb, nz = cf[:, :, start:stop], nf[:, :, start:stop]
+            if frame_rate:
+                if proj is None or stop > proj_start + proj.shape[0]:
+                    proj_start = start
+                    with _torch_threads(self.threads):
+                        proj = cf.projections_tbd(self.ref.w_cond, start, min(T, start + span))  # [n, B, L*G]
+                cb = proj[start - proj_start :]
+                strides = (cb.stride(1), 1, cb.stride(0))  # (batch, channel, step) as the extension indexes
+            else:
+                cb = cf[:, :, start:stop]
+                strides = cb.stride()
+            nz = nf[:, :, start:stop]
             rc = self._lib.fg_run(
-                self.weights.data_ptr(), self.cfg.data_ptr(), bufs.data_ptr(), B, stop - start, cache.t,
-                cb.data_ptr(), *cb.stride(), nz.data_ptr(), *nz.stride(), x_prev.data_ptr(),
+                self.weights.data_ptr(), (self.cfg_given if frame_rate else self.cfg).data_ptr(), bufs.data_ptr(),
+                B, stop - start, cache.t, cb.data_ptr(), *strides, nz.data_ptr(), *nz.stride(), x_prev.data_ptr(),
                 out[:, start:].data_ptr(), T, 1, float(temperature), float(self.dist.log_scale_min),
                 float(self.skip_scale), float(SQRT_HALF), teams, team_size,
                 params[start:].data_ptr() if params is not None else None,
@@ -328,6 +353,22 @@ class FastCachedGenerator:
         if return_params:
             return out, params.permute(1, 2, 0)
         return out
+
+
+class _torch_threads:
+    """Runs a block of torch work on at most ``n`` intra-op threads, then restores the setting."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        if self.n < self.old:
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        if torch.get_num_threads() != self.old:
+            torch.set_num_threads(self.old)
 
 
 def ndtri(p: float) -> float:

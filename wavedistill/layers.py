@@ -118,6 +118,12 @@ class ConditionNet(nn.Module):
     neighbouring frames with a small convolution, then upsamples by repeated
     nearest-neighbour stretching followed by a learned smoothing filter per
     scale (the product of ``upsample_scales`` is the hop length).
+
+    ``forward(mel) == upsample(frames(mel))``: :meth:`frames` gives the frame-rate
+    features ``[B, cond, F]``, :meth:`upsample` stretches any ``[B, D, F]`` to
+    ``[B, D, F*hop]``.  Autoregressive generation projects the frames with every
+    layer's conditioning weights first and upsamples the projections
+    (:class:`wavedistill.generation.FrameConditioning`).
     """
 
     def __init__(self, n_mels: int, cond_channels: int, upsample_scales: list[int], n_speakers: int = 0, speaker_channels: int = 16):
@@ -138,27 +144,44 @@ class ConditionNet(nn.Module):
         return math.prod(self.scales)
 
     @property
-    def frame_context(self) -> int:
-        """Frames on each side that influence one output sample (for chunking)."""
-        samples = 0
+    def upsample_context(self) -> int:
+        """Frames on each side that influence one output sample through :meth:`upsample` alone."""
+        samples = 0  # half-width of the smoothing filters, in output samples
         scale = 1
         for s in reversed(self.scales):
             samples += s * scale
             scale *= s
-        return 2 + math.ceil(samples / self.hop) + 1
+        return math.ceil(samples / self.hop) + 1
+
+    @property
+    def frame_context(self) -> int:
+        """Frames on each side that influence one output sample (for chunking): the 5-tap frame conv and the upsampling."""
+        return 2 + self.upsample_context
 
     def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.mel_mean.copy_(mean)
         self.mel_std.copy_(std.clamp_min(1e-3))
 
-    def forward(self, mel: torch.Tensor, speaker: torch.Tensor | None = None) -> torch.Tensor:
+    def frames(self, mel: torch.Tensor, speaker: torch.Tensor | None = None) -> torch.Tensor:
+        """Frame-rate features ``[B, cond, F]``: normalisation, frame conv, activation, speaker embedding."""
         x = (mel - self.mel_mean[:, None]) / self.mel_std[:, None]
         x = F.leaky_relu(self.pre(x), 0.2)
         if self.speaker is not None:
             if speaker is None:
                 raise ValueError("this model needs a speaker id")
             x = x + self.speaker(speaker)[:, :, None]
-        h = x.unsqueeze(1)
+        return x
+
+    def upsample(self, h: torch.Tensor) -> torch.Tensor:
+        """``[B, D, F]`` → ``[B, D, F*hop]`` for any number of channels ``D``.
+
+        Linear, and the same filter for every channel (zero padding at the edges), so it commutes
+        with any per-frame channel mixing: ``W·upsample(h) == upsample(W·h)`` up to rounding.
+        """
+        u = h.unsqueeze(1)  # [B, 1, D, F]: the channels are rows of a one-channel image
         for s, conv in zip(self.scales, self.smooth):
-            h = conv(h.repeat_interleave(s, dim=3))
-        return h.squeeze(1)
+            u = conv(u.repeat_interleave(s, dim=3))
+        return u.squeeze(1)
+
+    def forward(self, mel: torch.Tensor, speaker: torch.Tensor | None = None) -> torch.Tensor:
+        return self.upsample(self.frames(mel, speaker))

@@ -83,6 +83,9 @@ class Teacher(nn.Module):
                  fast: bool | None = None) -> torch.Tensor:
         """Autoregressive sampling with cached per-layer queues; returns ``[B, frames*hop]``.
 
+        The conditioning projections of all layers are computed at frame rate and upsampled in
+        blocks (:class:`wavedistill.generation.FrameConditioning`), never per sample.
+
         ``fast=None`` uses a compiled generator when one runs here — the persistent Triton kernel
         (:mod:`wavedistill.kernels.ar_triton`) for a float32 CUDA teacher unless
         ``WAVEDISTILL_KERNELS=reference``, the C++ one (:mod:`wavedistill.fastgen`) for a float32 CPU
@@ -90,8 +93,9 @@ class Teacher(nn.Module):
         (see :func:`wavedistill.fastgen.make_generator`).
         """
         from .fastgen import make_generator
+        from .generation import FrameConditioning
 
-        c = self.condition(mel, speaker)
+        c = FrameConditioning.from_mel(self.cond, mel, speaker)  # projected per layer at frame rate, then upsampled
         if noise is None:
             noise = self.make_noise(c.shape[0], c.shape[2], seed, c.device, c.dtype)
         return make_generator(self, fast=fast).run(c, noise, temperature=temperature, progress=progress)

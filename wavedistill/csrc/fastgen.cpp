@@ -19,7 +19,9 @@
 //   head          h1w [Sp, Sp], h2w [Sp, Pp]
 //   ring buffers  exactly GenerationCache.buffers: layer l is [(k-1)·d_l, B, R], unpadded.
 //   cond weights  Wc [C, LGp]      column l*G + g is layer l, gate channel g (unpadded per layer)
-//   conditioning  c[b*csb + ch*csc + t*cst], the upsampled features, any strides.
+//   conditioning  c[b*csb + ch*csc + t*cst], the upsampled features, any strides;
+//                 or, when cfg C is 0, the projections of all layers already made
+//                 (wavedistill.generation.FrameConditioning): c[b*csb + (l*G + g) + t*cst], csc = 1.
 //   noise         uniform, u[b*nsb + j*nsc + t*nst], j < NN (MoL: K+1, Gaussian: 1).
 //
 // No -ffast-math: tanh/sigmoid use an exp with ~1 ulp error (Cephes
@@ -349,7 +351,7 @@ void worker(const Ctx& c, Team& team, int p) {
 
   for (int64_t tl = 0; tl < c.Tb; ++tl) {
     const int64_t t = c.t0 + tl;
-    if (tl % CT == 0) {  // conditioning projections of all layers for the next CT steps
+    if (C > 0 && tl % CT == 0) {  // conditioning projections of all layers for the next CT steps
       if (lead) {
         const int64_t n = std::min(CT, c.Tb - tl);
         float* ctr = team.ctr.data();
@@ -397,10 +399,12 @@ void worker(const Ctx& c, Team& team, int p) {
           }
           matvec<true>(Wg + (k - 1) * Rp * Gp + col, Gp, R, ncol, h.data(), Rp, nb, nullptr, &g[col], Gp);
         }
-        const float* cl = cond + (tl % CT) * nb * LGp + l * G;
+        // This step's projections for layer l: from the chunk computed above, or given (C == 0).
+        const float* cl = C > 0 ? cond + (tl % CT) * nb * LGp + l * G : c.cin + b0 * c.csb + tl * c.cst + l * G;
+        const int64_t crow = C > 0 ? LGp : c.csb;
         const int64_t jc = std::min(j1, H);
         for (int64_t r = 0; r < nb; ++r) {
-          const float* cb = cl + r * LGp;
+          const float* cb = cl + r * crow;
           float* gb = &g[r * Gp];
           for (int64_t j = j0; j < jc; ++j) {
             gb[j] += cb[j];
@@ -458,7 +462,7 @@ void worker(const Ctx& c, Team& team, int p) {
 
 extern "C" {
 
-int fg_abi_version() { return 5; }
+int fg_abi_version() { return 6; }
 int fg_vector_width() { return VW; }
 double fg_ndtri(double p) { return ndtri(p); }
 
@@ -477,6 +481,7 @@ int fg_run(const float* wts, const int64_t* cfg, const int64_t* bufs, int64_t B,
   if (cfg[C_RP] % VW || cfg[C_HP] % VW || cfg[C_SP] % VW || cfg[C_PP] % VW || cfg[C_LGP] % VW) return -1;
   if (k < 2 || L < 1 || B < 1 || Tb < 0) return -2;
   if (cfg[C_DIST] == 0 && cfg[C_NN] != cfg[C_MIX] + 1) return -3;
+  if (cfg[C_C] == 0 && csc != 1) return -4;  // given projections: one contiguous row of L*G per step and row
   if (Tb == 0) return 0;
   const int64_t nteams = std::max<int64_t>(1, std::min<int64_t>(std::min<int64_t>(n_teams, B), 256));
   const int64_t per_team = std::max<int64_t>(1, std::min<int64_t>(std::min<int64_t>(team_size, 64), cfg[C_HP] / VW));

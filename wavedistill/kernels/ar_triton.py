@@ -86,7 +86,7 @@ import triton
 import triton.language as tl
 
 from ..distributions import DiscretizedGaussian, DiscretizedMixtureOfLogistics
-from ..generation import CachedGenerator, GenerationCache
+from ..generation import CachedGenerator, FrameConditioning, GenerationCache, layer_projections
 
 __all__ = ["TritonARGenerator", "unsupported_reason"]
 
@@ -347,9 +347,13 @@ class TritonARGenerator:
     def new_cache(self, batch: int) -> GenerationCache:
         return self.ref.new_cache(batch)
 
-    def cond_block(self, c: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """``[B, stop-start, L·G]``: every layer's conditioning projection plus its conv bias."""
-        return torch.einsum("gc,bct->btg", self.w_cond, c[:, :, start:stop]).add_(self.cond_bias).contiguous()
+    def cond_block(self, c, start: int, stop: int) -> torch.Tensor:
+        """``[B, stop-start, L·G]``: every layer's conditioning projection plus its conv bias.
+
+        ``c``: a :class:`~wavedistill.generation.FrameConditioning` (projected at frame rate, then
+        upsampled) or upsampled ``[B, C, T]`` (projected per sample: the reference).
+        """
+        return (layer_projections(c, self.w_cond, start, stop).transpose(1, 2) + self.cond_bias).contiguous()
 
     @torch.no_grad()
     def run(self, c: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0, cache: GenerationCache | None = None,
@@ -364,7 +368,7 @@ class TritonARGenerator:
             raise ValueError(f"c has {C} channels, the teacher expects {dims['C']}")
         if noise.dim() != 3 or noise.shape[0] != B or noise.shape[1] < self.n_noise or noise.shape[2] < T:
             raise ValueError(f"noise must be [B={B}, {self.n_noise}, >={T}], got {tuple(noise.shape)}")
-        cf = c.to(torch.float32)
+        cf = FrameConditioning(c.cond, c.h.float(), c.start, c.stop) if isinstance(c, FrameConditioning) else c.to(torch.float32)
         nf = noise.to(torch.float32)  # as dist.sample casts it
         cache = cache or self.new_cache(B)
         R = dims["R"]
@@ -414,7 +418,7 @@ class TritonARGenerator:
                  temperature: float = 1.0, speaker: torch.Tensor | None = None) -> torch.Tensor:
         """As :meth:`Teacher.generate`: log-mel ``[B, n_mels, F]`` → waveform ``[B, F·hop]``; pass
         ``noise`` (uniforms ``[B, n_noise, F·hop]``) for a reproducible result, else ``seed``."""
-        c = self.teacher.condition(mel, speaker)
+        c = FrameConditioning.from_mel(self.teacher.cond, mel, speaker)
         if noise is None:
             noise = self.teacher.make_noise(c.shape[0], c.shape[2], seed, c.device, torch.float32)
         return self.run(c, noise, temperature)
