@@ -57,6 +57,8 @@ def clean_mode(monkeypatch):
 @pytest.fixture
 def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with kernels.restoring():  # whatever a test sets ends with it
+        yield
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -288,13 +290,44 @@ def test_configure_applies_the_train_config_key(monkeypatch, interpret):
     assert config_from_dict({}).train.kernels == "auto"
     cfg = config_from_dict({"train": {"kernels": "reference"}})
     monkeypatch.setenv(kernels.ENV_VAR, "triton")
-    assert kernels.configure(cfg.train.kernels, "cpu") == "reference"  # an explicit key beats the environment
-    assert kernels.get_mode() == "reference"
+    with kernels.restoring():
+        assert kernels.configure(cfg.train.kernels, "cpu") == "reference"  # an explicit key beats the environment
+        assert kernels.get_mode() == "reference"
+        assert kernels.configure("auto", "cpu") == "reference"  # auto leaves an override in force alone
+    assert kernels.get_mode() == "triton"  # restoring() gave the run's setting back
     assert kernels.configure("auto", "cpu") == "triton"  # auto defers to WAVEDISTILL_KERNELS
     monkeypatch.delenv(kernels.ENV_VAR)
     assert kernels.configure("auto", "cpu") == "reference"
+    with kernels.use_mode("reference"):
+        assert kernels.configure("auto", "cpu") == "reference"  # a caller's use_mode survives auto
     assert kernels.configure("triton", "cpu") == "triton"  # possible here: TRITON_INTERPRET=1
-    assert kernels.configure("auto") == "auto"
+
+
+def test_training_run_gives_the_kernel_mode_back(tmp_path, monkeypatch):
+    """train.kernels=reference holds for the run only: afterwards the process is back on its own setting."""
+    from helpers_train import make_cache, write_config
+    from wavedistill.train_teacher import train_teacher
+
+    _, cache = make_cache(tmp_path, n=4)
+    conf = write_config(tmp_path / "c.yaml", train={"max_steps": 1, "kernels": "reference"})
+    with kernels.restoring():
+        kernels.set_mode("auto")
+        train_teacher(conf, cache, tmp_path / "exp")
+        assert kernels.get_mode() == "auto"
+
+
+def test_too_wide_layers_stay_on_pytorch(monkeypatch, interpret):
+    """Weight tiles wider than MAX_FUSED_WIDTH would not fit an SM: auto keeps PyTorch, forced triton says why."""
+    wide = ResidualLayer(256, 512, 256, 80, 2, 1)
+    narrow = ResidualLayer(64, 128, 64, 64, 2, 1)
+    assert "residual=256" in kernels.fusable(wide) and kernels.fusable(narrow) is None
+    x = torch.zeros(1, 256, 8)
+    with kernels.use_mode("triton"):
+        with pytest.raises(UserError, match="exceeds the fused kernel"):
+            kernels.use_fused(x, wide)
+        assert kernels.use_fused(torch.zeros(1, 64, 8), narrow)
+    with kernels.use_mode("auto"):
+        assert not kernels.use_fused(x, wide)  # a CPU tensor anyway, and too wide
 
 
 # --------------------------------------------------------------------------- real GPU

@@ -72,6 +72,11 @@ def validate(student, loss_fn, valid, tc, context, device, seed: int, mel_fn) ->
 
 
 def distill(config_path, teacher_path, data, out, overrides=None, max_steps=None, resume=False) -> dict:
+    with kernels.restoring():  # train.kernels applies to this run only
+        return _distill(config_path, teacher_path, data, out, overrides, max_steps, resume)
+
+
+def _distill(config_path, teacher_path, data, out, overrides=None, max_steps=None, resume=False) -> dict:
     cfg = load_config(config_path, overrides or [])
     if max_steps is not None:
         if max_steps <= 0:
@@ -103,6 +108,8 @@ def distill(config_path, teacher_path, data, out, overrides=None, max_steps=None
         copied, total = warm_start(student, tc.init_from, "student", cfg.features)
         if acc.is_main_process:
             print(f"warm start: {copied} of {total} tensors copied from {tc.init_from}", flush=True)
+    elif tc.init_from and acc.is_main_process:
+        print(f"train.init_from={tc.init_from} ignored: resuming from {ckpt}", flush=True)
     student.cond.set_stats(*cache.mel_stats())
     ema = EMA(student, tc.ema_decay)
     opt = torch.optim.Adam(student.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)

@@ -157,6 +157,8 @@ def f0_track(audio, sample_rate: int, hop_length: int, frame_length: int) -> tup
     import librosa
 
     x = _np(audio).astype(np.float32)
+    # two periods of the lowest F0 must fit a frame (at 16 kHz and above, n_fft alone is too short)
+    frame_length = max(frame_length, 1 << math.ceil(math.log2(2 * sample_rate / F0_MIN)))
     f0, voiced, _ = librosa.pyin(x, fmin=F0_MIN, fmax=min(F0_MAX, sample_rate / 4), sr=sample_rate,
                                  frame_length=frame_length, hop_length=hop_length, center=True)
     return np.nan_to_num(f0), np.asarray(voiced, dtype=bool)

@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 
 from .distributions import DiscretizedGaussian, DiscretizedMixtureOfLogistics
+from .errors import UserError
 from .generation import PROJECTION_BLOCK, CachedGenerator, FrameConditioning, GenerationCache
 from .layers import SQRT_HALF
 
@@ -409,7 +410,9 @@ def make_generator(teacher, fast: bool | None = None, threads: int = 1):
             reason = ar_triton.unsupported_reason(teacher)
             if reason is None:
                 return ar_triton.TritonARGenerator(teacher)
-        if fast or mode == "triton":
+        if mode == "triton" and not fast:  # the user's switch (config or WAVEDISTILL_KERNELS): a user error
+            raise UserError(f"kernels=triton cannot generate with this teacher: {reason}; use kernels=auto or reference")
+        if fast:
             raise ValueError(f"fast generation is unavailable: {reason}")
         return CachedGenerator(teacher)
     if fast is None and not supports(teacher):

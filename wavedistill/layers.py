@@ -47,7 +47,7 @@ class ResidualLayer(nn.Module):
         return h
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None):
-        if kernels.use_fused(x):  # fused Triton kernel (see wavedistill.kernels for the switch)
+        if kernels.use_fused(x, self):  # fused Triton kernel (see wavedistill.kernels for the switch)
             return kernels.residual_layer(self, x, c)
         a, b = self.gate_input(x, c).chunk(2, dim=1)
         z = torch.tanh(a) * torch.sigmoid(b)

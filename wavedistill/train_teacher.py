@@ -58,6 +58,11 @@ def validate(model: Teacher, valid, train_cfg, context: int, device) -> float:
 
 
 def train_teacher(config_path, data, out, overrides=None, max_steps=None, resume=False) -> dict:
+    with kernels.restoring():  # train.kernels applies to this run only
+        return _train_teacher(config_path, data, out, overrides, max_steps, resume)
+
+
+def _train_teacher(config_path, data, out, overrides=None, max_steps=None, resume=False) -> dict:
     cfg = load_config(config_path, overrides or [])
     if max_steps is not None:
         if max_steps <= 0:
@@ -80,6 +85,8 @@ def train_teacher(config_path, data, out, overrides=None, max_steps=None, resume
         copied, total = warm_start(model, tc.init_from, "teacher", cfg.features)
         if acc.is_main_process:
             print(f"warm start: {copied} of {total} tensors copied from {tc.init_from}", flush=True)
+    elif tc.init_from and acc.is_main_process:
+        print(f"train.init_from={tc.init_from} ignored: resuming from {ckpt}", flush=True)
     mean, std = cache.mel_stats()
     model.cond.set_stats(mean, std)
     ema = EMA(model, tc.ema_decay)

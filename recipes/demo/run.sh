@@ -6,7 +6,7 @@
 #   stage 2  teacher     train the WaveNet teacher (MoL, or one Gaussian for ClariNet; max. likelihood)
 #   stage 3  distill     distill the parallel IAF student (Parallel WaveNet loss, or ClariNet's)
 #   stage 4  synthesize  copy-synthesis of held-out utterances with the student
-#   stage 5  eval        PESQ/STOI/MCD/log-mel/SC vs ground truth and Griffin-Lim
+#   stage 5  eval        PESQ/STOI/MCD/log-mel/SC/F0/V-UV vs ground truth and Griffin-Lim
 #   stage 6  bench       generation speed vs the machine's measured matmul peak
 #
 # Usage: recipes/demo/run.sh [--stage N] [--stop-stage N] [--wav-dir DIR] [--data DIR] [--exp DIR]

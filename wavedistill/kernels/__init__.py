@@ -63,6 +63,35 @@ def use_mode(mode: str | None):
         _mode = previous
 
 
+@contextlib.contextmanager
+def restoring():
+    """Give back whatever mode was in force when the block began (the training loops' :func:`configure`)."""
+    global _mode
+    previous = _mode
+    try:
+        yield
+    finally:
+        _mode = previous
+
+
+# The fused layer keeps whole weight tiles in shared memory: above this padded width (R, G/2, S, C),
+# the tiles no longer fit one H100 SM (227 KB), so auto mode keeps such layers on PyTorch.
+MAX_FUSED_WIDTH = 128
+
+
+def fusable(layer) -> str | None:
+    """Why ``layer`` is too wide for the fused kernel (``None`` when it fits)."""
+    widths = {"residual": layer.conv.in_channels, "gate/2": layer.conv.out_channels // 2}
+    if layer.skip is not None:
+        widths["skip"] = layer.skip.out_channels
+    if layer.cond is not None:
+        widths["conditioning"] = layer.cond.in_channels
+    wide = [f"{k}={v}" for k, v in widths.items() if v > MAX_FUSED_WIDTH]
+    if wide:
+        return f"{', '.join(wide)} exceeds the fused kernel's {MAX_FUSED_WIDTH} channels"
+    return None
+
+
 @functools.cache
 def triton_available() -> bool:
     """Whether ``triton`` imports here (checked once)."""
@@ -91,11 +120,13 @@ def _triton_error(device: torch.device) -> str | None:
 def configure(mode: str, device: torch.device | str | None = None) -> str:
     """Apply the ``train.kernels`` config key; returns the implementation ``device`` will get (for the log).
 
-    The training loops call this once before the first step.  ``auto`` defers to ``$WAVEDISTILL_KERNELS``;
-    ``reference``/``triton`` override it.  With a ``device``, an impossible ``triton`` fails here, at
-    start-up, as a one-line :class:`UserError` rather than at the first layer.
+    The training loops call this once before the first step, inside :func:`restoring`, so the setting
+    ends with the run.  ``auto`` leaves the mode in force alone (a caller's :func:`use_mode`, else
+    ``$WAVEDISTILL_KERNELS``); ``reference``/``triton`` override it.  With a ``device``, an impossible
+    ``triton`` fails here, at start-up, as a one-line :class:`UserError` rather than at the first layer.
     """
-    set_mode(None if _check(mode, "train.kernels") == "auto" else mode)
+    if _check(mode, "train.kernels") != "auto":
+        set_mode(mode)
     if device is None:
         return get_mode()
     device = torch.device(device)
@@ -110,19 +141,23 @@ def configure(mode: str, device: torch.device | str | None = None) -> str:
     return "reference"
 
 
-def use_fused(x: torch.Tensor) -> bool:
-    """Whether a layer should run its fused kernel on ``x`` under the current mode."""
+def use_fused(x: torch.Tensor, layer=None) -> bool:
+    """Whether ``layer`` should run its fused kernel on ``x`` under the current mode."""
     mode = get_mode()
     if mode == "reference":
         return False
     if mode == "auto":
         return (x.is_cuda and x.dtype in _FUSED_DTYPES and triton_available()
-                and not torch.compiler.is_compiling())  # under torch.compile, let the compiler fuse
+                and not torch.compiler.is_compiling()  # under torch.compile, let the compiler fuse
+                and (layer is None or fusable(layer) is None))
     err = _triton_error(x.device)
     if err is not None:
         raise UserError(err)
     if x.dtype not in _FUSED_DTYPES:
         raise UserError(f"kernels=triton supports float32, bfloat16 and float16 tensors, got {x.dtype}; use kernels=reference")
+    too_wide = None if layer is None else fusable(layer)
+    if too_wide is not None:
+        raise UserError(f"kernels=triton: {too_wide}; use kernels=auto or reference for this model")
     return True
 
 

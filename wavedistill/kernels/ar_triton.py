@@ -64,8 +64,9 @@ is launched with ``num_stages=1`` so no load is software-pipelined across them.
 Streams never communicate, so programs beyond the number of SMs simply queue.
 
 Performance has not been measured on a GPU yet (the session that wrote this had none):
-``TILE`` and ``NUM_WARPS`` are chosen so that ptxas reports no register spills for
-sm_90 from the demo width up to the paper's (R=512, G=512, S=256), and ``wavedistill
+``TILE`` and ``NUM_WARPS`` were chosen so that an offline compile for sm_90 (Triton's
+bundled ptxas, no device; not re-checked by a test) reported no register spills from the
+demo width up to R=512, G=512, S=256, and ``wavedistill
 bench`` reports ``teacher-persistent`` (one stream) and ``teacher-persistent-x16``.
 
 Interpretation: the kernel is built on first use, for the GPU or for Triton's CPU
@@ -233,7 +234,8 @@ def _kernel(interpret: bool):
     """The kernel for the GPU or for Triton's CPU interpreter, built on first use of either."""
     with triton.knobs.runtime.scope():
         triton.knobs.runtime.interpret = interpret
-        return triton.jit(_ar_steps)
+        # the step counters change between launches: no recompile for each value (==1, divisible by 16)
+        return triton.jit(_ar_steps, do_not_specialize=["n_steps", "t0"])
 
 
 def _pow2(n: int, least: int = 16) -> int:

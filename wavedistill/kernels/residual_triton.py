@@ -53,8 +53,9 @@ from torch.autograd.function import once_differentiable
 SQRT_HALF = math.sqrt(0.5)
 BLOCK_T = 64  # time steps per program where the launch is not autotuned (the interpreter, tests)
 NUM_WARPS = 4
-# GPU launches pick among these once per layer shape and dtype (triton.autotune).  All four compile for
-# sm_90 without spilling registers at R=64, G=128, S=C=64 in bf16; which one wins was not measured here.
+# GPU launches pick among these once per layer shape and dtype (triton.autotune).  An offline compile for
+# sm_90 (no device) showed no register spills for all four at R=64, G=128, S=C=64 in bf16 (not re-checked by
+# a test); which one wins was not measured here.
 AUTOTUNE = [(32, 4), (64, 4), (64, 8), (128, 8)]  # (BLOCK, num_warps)
 
 
@@ -80,7 +81,7 @@ def _residual_layer_fwd(
     """
     pid_t = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs_t = pid_t * BLOCK + tl.arange(0, BLOCK)
+    offs_t = (pid_t * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)  # int64: R·T may pass 2^31 on long inputs
     offs_r = tl.arange(0, RP)
     offs_h = tl.arange(0, HP)
     in_t = offs_t < T
