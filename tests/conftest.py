@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from wavedistill.config import Config
 
@@ -85,3 +86,44 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def flatten_mixture_logits(teacher) -> None:
+    """Constant mixture logits for a 4-component MoL teacher: every component ties unless the noise decides."""
+    with torch.no_grad():
+        teacher.net.head2.weight[:4] = 0.0
+        teacher.net.head2.bias[:4] = 0.0
+
+
+def extreme_uniforms(batch: int, channels: int, steps: int, zeros: slice, ones: slice, seed: int = 7) -> torch.Tensor:
+    """Uniform noise crowded at and beyond the sampler's clamps: values near 0 and 1, exact 0s and 1s."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(batch, channels, steps, generator=g, dtype=torch.float64) ** 12
+    noise = torch.where(torch.rand(u.shape, generator=g, dtype=torch.float64) < 0.5, u, 1.0 - u)
+    noise[:, :, zeros] = 0.0
+    noise[:, :, ones] = 1.0
+    return noise.float()
+
+
+def lively_teacher(output: str, mixtures: int, kernel_size: int, residual: int, gate: int, skip: int, layers: int,
+                   stacks: int, seed: int):
+    """A random float32 teacher (8 conditioning channels, 5 mels, hop 6) with livelier gates and narrower output
+    distributions than at initialisation, so generated samples mostly stay inside (-1, 1) instead of clamping."""
+    from wavedistill.config import TeacherConfig
+    from wavedistill.teacher import Teacher
+
+    cfg = TeacherConfig(layers=layers, stacks=stacks, kernel_size=kernel_size, residual_channels=residual,
+                        gate_channels=gate, skip_channels=skip, cond_channels=8, upsample_scales=[2, 3],
+                        output=output, mixtures=mixtures, log_scale_min=-9.0)
+    cfg.validate()
+    torch.manual_seed(seed)
+    t = Teacher(cfg, n_mels=5).eval()
+    with torch.no_grad():
+        for p in t.net.layers.parameters():
+            p.mul_(1.5)
+        t.net.head2.weight.mul_(0.5)
+        if output == "mol":
+            t.net.head2.bias[2 * mixtures :] = -2.5
+        else:
+            t.net.head2.bias[1] = -2.5
+    return t

@@ -27,6 +27,7 @@ import time
 import pytest
 import torch
 
+from conftest import extreme_uniforms, flatten_mixture_logits, lively_teacher
 from wavedistill import fastgen, kernels
 from wavedistill.errors import UserError
 from wavedistill.config import TeacherConfig
@@ -57,21 +58,7 @@ def interpret(monkeypatch):
 def small_teacher(output: str = "mol", mixtures: int = 3, kernel_size: int = 2, residual: int = 16, gate: int = 32,
                   skip: int = 16, layers: int = 6, stacks: int = 2, seed: int = 0) -> Teacher:
     """A random float32 teacher with lively gates and narrow output distributions (samples rarely clamp)."""
-    cfg = TeacherConfig(layers=layers, stacks=stacks, kernel_size=kernel_size, residual_channels=residual,
-                        gate_channels=gate, skip_channels=skip, cond_channels=8, upsample_scales=[2, 3],
-                        output=output, mixtures=mixtures, log_scale_min=-9.0)
-    cfg.validate()
-    torch.manual_seed(seed)
-    t = Teacher(cfg, n_mels=5).eval()
-    with torch.no_grad():
-        for p in t.net.layers.parameters():
-            p.mul_(1.5)
-        t.net.head2.weight.mul_(0.5)
-        if output == "mol":
-            t.net.head2.bias[2 * mixtures :] = -2.5
-        else:
-            t.net.head2.bias[1] = -2.5
-    return t
+    return lively_teacher(output, mixtures, kernel_size, residual, gate, skip, layers, stacks, seed)
 
 
 def inputs(t: Teacher, batch: int, length: int, seed: int = 3, device="cpu"):
@@ -169,16 +156,9 @@ def test_extreme_uniforms(output, interpret):
     mixture logits the components whose uniforms clamp to 1 - 1e-7 tie exactly and the first must win."""
     t = small_teacher(output=output, mixtures=4, layers=2, stacks=1, seed=3)
     if output == "mol":
-        with torch.no_grad():
-            t.net.head2.weight[:4] = 0.0
-            t.net.head2.bias[:4] = 0.0
+        flatten_mixture_logits(t)
     B, T = 2, 32
-    g = torch.Generator().manual_seed(7)
-    u = torch.rand(B, t.dist.n_noise, T, generator=g, dtype=torch.float64) ** 12
-    noise = torch.where(torch.rand(u.shape, generator=g, dtype=torch.float64) < 0.5, u, 1.0 - u)
-    noise[:, :, ::5] = 0.0
-    noise[:, :, 2::7] = 1.0
-    noise = noise.float()
+    noise = extreme_uniforms(B, t.dist.n_noise, T, zeros=slice(None, None, 5), ones=slice(2, None, 7))
     c, _ = inputs(t, B, T)
     ref = CachedGenerator(t).run(c, noise)
     out, params = ar_triton.TritonARGenerator(t).run(c, noise, return_params=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import extreme_uniforms, flatten_mixture_logits, lively_teacher
 from wavedistill import fastgen
 from wavedistill.config import TeacherConfig
 from wavedistill.generation import CachedGenerator
@@ -53,21 +54,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def small_teacher(output: str = "mol", mixtures: int = 3, kernel_size: int = 2, residual: int = 12, gate: int = 20,
                   skip: int = 10, layers: int = 6, stacks: int = 2, seed: int = 0) -> Teacher:
     """A random float32 teacher.  Channel counts that are not multiples of 16 exercise the padding."""
-    cfg = TeacherConfig(layers=layers, stacks=stacks, kernel_size=kernel_size, residual_channels=residual,
-                        gate_channels=gate, skip_channels=skip, cond_channels=8, upsample_scales=[2, 3],
-                        output=output, mixtures=mixtures, log_scale_min=-9.0)
-    cfg.validate()
-    torch.manual_seed(seed)
-    t = Teacher(cfg, n_mels=5).eval()
-    with torch.no_grad():  # livelier gates, narrower output distributions: samples mostly inside (-1, 1), not clamped
-        for p in t.net.layers.parameters():
-            p.mul_(1.5)
-        t.net.head2.weight.mul_(0.5)
-        if output == "mol":
-            t.net.head2.bias[2 * mixtures :] = -2.5
-        else:
-            t.net.head2.bias[1] = -2.5
-    return t
+    return lively_teacher(output, mixtures, kernel_size, residual, gate, skip, layers, stacks, seed)
 
 
 def inputs(t: Teacher, batch: int, length: int, seed: int = 3):
@@ -165,16 +152,9 @@ def test_extreme_noise(output):
     """
     t = small_teacher(output=output, mixtures=4, seed=3)
     if output == "mol":
-        with torch.no_grad():
-            t.net.head2.weight[:4] = 0.0
-            t.net.head2.bias[:4] = 0.0
+        flatten_mixture_logits(t)
     B, T = 2, 300
-    g = torch.Generator().manual_seed(7)
-    u = torch.rand(B, t.dist.n_noise, T, generator=g, dtype=torch.float64) ** 12
-    noise = torch.where(torch.rand(u.shape, generator=g, dtype=torch.float64) < 0.5, u, 1.0 - u)
-    noise[:, :, ::7] = 0.0
-    noise[:, :, 3::11] = 1.0
-    noise = noise.float()
+    noise = extreme_uniforms(B, t.dist.n_noise, T, zeros=slice(None, None, 7), ones=slice(3, None, 11))
     assert (noise < 1e-5).float().mean() > 0.2 and (noise > 1.0 - 1e-5).float().mean() > 0.2
     c, _ = inputs(t, B, T)
     ref = CachedGenerator(t).run(c, noise)

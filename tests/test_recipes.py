@@ -18,15 +18,24 @@ TINY = " ".join([
     "train.valid_segment_samples=2048", "train.sample_every=1000", "train.mixed_precision=no", "distill.ce_samples=2",
 ])
 
+SUBSET = ("goodbye.wav", "hello-world.wav", "vm-goodbye.wav", "auth-thankyou.wav", "vm-password.wav", "vm-intro.wav",
+          "auth-incorrect.wav", "vm-nomore.wav")
 
-@pytest.mark.slow
-def test_ljspeech_recipe_runs_on_a_tiny_subset(tmp_path):
+
+def corpus_subset(tmp_path: Path, n: int) -> Path:
+    """The first ``n`` of a few demo-corpus prompts copied into ``tmp_path/wavs``."""
     if not CORPUS.is_dir():
         pytest.skip("demo corpus not installed (make corpus)")
     wavs = tmp_path / "wavs"
     wavs.mkdir()
-    for name in ("goodbye.wav", "hello-world.wav", "vm-goodbye.wav", "auth-thankyou.wav", "vm-password.wav"):
-        shutil.copy(CORPUS / name, wavs / name)  # 8 kHz files; prepare resamples them to 22.05 kHz
+    for name in SUBSET[:n]:
+        shutil.copy(CORPUS / name, wavs / name)
+    return wavs
+
+
+@pytest.mark.slow
+def test_ljspeech_recipe_runs_on_a_tiny_subset(tmp_path):
+    wavs = corpus_subset(tmp_path, 5)  # 8 kHz files; prepare resamples them to 22.05 kHz
     data, exp = tmp_path / "data", tmp_path / "exp"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(
@@ -50,13 +59,7 @@ def test_ljspeech_recipe_runs_on_a_tiny_subset(tmp_path):
 @pytest.mark.slow
 def test_demo_recipe_clarinet_variant_runs_end_to_end(tmp_path):
     """`run.sh --variant clarinet`: Gaussian teacher, Gaussian IAF student (closed-form KL), synthesis and eval."""
-    if not CORPUS.is_dir():
-        pytest.skip("demo corpus not installed (make corpus)")
-    wavs = tmp_path / "wavs"
-    wavs.mkdir()
-    for name in ("goodbye.wav", "hello-world.wav", "vm-goodbye.wav", "auth-thankyou.wav", "vm-password.wav",
-                 "vm-intro.wav", "auth-incorrect.wav", "vm-nomore.wav"):
-        shutil.copy(CORPUS / name, wavs / name)
+    wavs = corpus_subset(tmp_path, 8)
     data, exp = tmp_path / "data", tmp_path / "exp"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.run(

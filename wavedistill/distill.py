@@ -31,7 +31,7 @@ from .training import (
     save,
     set_threads,
     valid_segments,
-    warm_start,
+    apply_init_from,
 )
 
 TERMS = ("total", "kl", "cross_entropy", "entropy", "stft", "log_s_tot", "contrastive")
@@ -104,12 +104,7 @@ def _distill(config_path, teacher_path, data, out, overrides=None, max_steps=Non
     valid_set = cache.load_split("valid") or train_set[:2]
     torch.manual_seed(tc.seed)
     student = Student(cfg.student, cfg.features.n_mels)
-    if tc.init_from and ckpt is None:
-        copied, total = warm_start(student, tc.init_from, "student", cfg.features)
-        if acc.is_main_process:
-            print(f"warm start: {copied} of {total} tensors copied from {tc.init_from}", flush=True)
-    elif tc.init_from and acc.is_main_process:
-        print(f"train.init_from={tc.init_from} ignored: resuming from {ckpt}", flush=True)
+    apply_init_from(acc, student, tc, ckpt, "student", cfg.features)
     student.cond.set_stats(*cache.mel_stats())
     ema = EMA(student, tc.ema_decay)
     opt = torch.optim.Adam(student.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)

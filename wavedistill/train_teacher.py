@@ -32,7 +32,7 @@ from .training import (
     set_threads,
     spectrogram_png,
     valid_segments,
-    warm_start,
+    apply_init_from,
 )
 
 LN2 = math.log(2.0)
@@ -81,12 +81,7 @@ def _train_teacher(config_path, data, out, overrides=None, max_steps=None, resum
     impl = kernels.configure(tc.kernels, acc.device)  # residual layers: fused Triton or reference
     torch.manual_seed(tc.seed)
     model = Teacher(cfg.teacher, cfg.features.n_mels)
-    if tc.init_from and ckpt is None:
-        copied, total = warm_start(model, tc.init_from, "teacher", cfg.features)
-        if acc.is_main_process:
-            print(f"warm start: {copied} of {total} tensors copied from {tc.init_from}", flush=True)
-    elif tc.init_from and acc.is_main_process:
-        print(f"train.init_from={tc.init_from} ignored: resuming from {ckpt}", flush=True)
+    apply_init_from(acc, model, tc, ckpt, "teacher", cfg.features)
     mean, std = cache.mel_stats()
     model.cond.set_stats(mean, std)
     ema = EMA(model, tc.ema_decay)

@@ -233,6 +233,19 @@ def warm_start(model: nn.Module, source: str, kind: str, features) -> tuple[int,
     return len(take), len(own)
 
 
+def apply_init_from(acc, model: nn.Module, tc: TrainConfig, resume_from: Path | None, kind: str, features) -> None:
+    """``train.init_from`` for a fresh run (a resumed run takes everything from its checkpoint)."""
+    if not tc.init_from:
+        return
+    if resume_from is not None:
+        if acc.is_main_process:
+            print(f"train.init_from={tc.init_from} ignored: resuming from {resume_from}", flush=True)
+        return
+    copied, total = warm_start(model, tc.init_from, kind, features)
+    if acc.is_main_process:
+        print(f"warm start: {copied} of {total} tensors copied from {tc.init_from}", flush=True)
+
+
 def restore(ckpt: Path, model: nn.Module, ema: EMA, optimizer, scheduler, run: RunState) -> None:
     from .fileio import load_tensors
 
