@@ -83,11 +83,12 @@ import contextlib
 import functools
 
 import torch
-import triton
 import triton.language as tl
 
 from ..distributions import DiscretizedGaussian, DiscretizedMixtureOfLogistics
 from ..generation import CachedGenerator, FrameConditioning, GenerationCache, layer_projections
+from . import _build
+from ._build import pow2
 
 __all__ = ["TritonARGenerator", "unsupported_reason"]
 
@@ -232,14 +233,8 @@ def _ar_steps(
 @functools.cache
 def _kernel(interpret: bool):
     """The kernel for the GPU or for Triton's CPU interpreter, built on first use of either."""
-    with triton.knobs.runtime.scope():
-        triton.knobs.runtime.interpret = interpret
-        # the step counters change between launches: no recompile for each value (==1, divisible by 16)
-        return triton.jit(_ar_steps, do_not_specialize=["n_steps", "t0"])
-
-
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, triton.next_power_of_2(max(int(n), 1)))
+    # the step counters change between launches: no recompile for each value (==1, divisible by 16)
+    return _build.jit(_ar_steps, interpret, do_not_specialize=["n_steps", "t0"])
 
 
 def _chunk_rows(rows: int, cols: int) -> int:
@@ -250,8 +245,8 @@ def _chunk_rows(rows: int, cols: int) -> int:
 
 def kernel_constants(R: int, H: int, S: int, K: int, kernel_size: int, mol: bool) -> dict:
     """The kernel's compile-time arguments for these channel counts (``K``: mixtures, 1 for a Gaussian)."""
-    RP, HP, SP = _pow2(R), _pow2(H), _pow2(S)
-    return dict(R=R, H=H, K=K, KS=kernel_size, MOL=mol, RP=RP, HP=HP, SP=SP, KP=_pow2(K, 2),
+    RP, HP, SP = pow2(R), pow2(H), pow2(S)
+    return dict(R=R, H=H, K=K, KS=kernel_size, MOL=mol, RP=RP, HP=HP, SP=SP, KP=pow2(K, 2),
                 BH=_chunk_rows(HP, max(RP, SP)), BS=_chunk_rows(SP, SP))
 
 

@@ -50,6 +50,9 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from . import _build
+from ._build import pow2
+
 SQRT_HALF = math.sqrt(0.5)
 BLOCK_T = 64  # time steps per program where the launch is not autotuned (the interpreter, tests)
 NUM_WARPS = 4
@@ -146,9 +149,7 @@ def _kernel(interpret: bool, autotuned: bool):
     """The kernel as a GPU JIT function (optionally autotuned over :data:`AUTOTUNE`), or run by Triton's CPU
     interpreter.  Built on first use, so ``TRITON_INTERPRET`` matters when a CPU launch happens, not when
     this module is imported."""
-    with triton.knobs.runtime.scope():
-        triton.knobs.runtime.interpret = interpret
-        kernel = triton.jit(_residual_layer_fwd)
+    kernel = _build.jit(_residual_layer_fwd, interpret)
     if autotuned:
         configs = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in AUTOTUNE]
         kernel = triton.autotune(configs, key=["R", "H", "S", "C", "K", "HAS_COND", "HAS_RES", "HAS_SKIP",
@@ -157,10 +158,6 @@ def _kernel(interpret: bool, autotuned: bool):
 
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-def _pad(n: int) -> int:
-    return max(16, triton.next_power_of_2(max(n, 1)))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -206,7 +203,7 @@ def residual_forward(x, c, w_conv, b_conv, w_cond, w_res, b_res, w_skip, b_skip,
             ptr(b_skip), ptr(out), ptr(skip),
             T, dilation, *x.stride(), *strides(c, 3), *w_conv.stride(), *strides(w_cond if has_cond else None, 2),
             *strides(w_res, 2), *strides(w_skip, 2),
-            R=R, H=G // 2, S=S, C=C, K=K, RP=_pad(R), HP=_pad(G // 2), SP=_pad(S), CP=_pad(C),
+            R=R, H=G // 2, S=S, C=C, K=K, RP=pow2(R), HP=pow2(G // 2), SP=pow2(S), CP=pow2(C),
             HAS_COND=has_cond, HAS_RES=has_res, HAS_SKIP=has_skip, PRECISION=_precision(x.dtype),
             DOT_T=tl.float32 if interpret else _TL_DTYPE[x.dtype], **launch,
         )
