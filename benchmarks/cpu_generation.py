@@ -38,8 +38,8 @@ import torch  # noqa: E402
 
 from wavedistill import fastgen  # noqa: E402
 from wavedistill.config import TeacherConfig  # noqa: E402
-from wavedistill.generation import CachedGenerator  # noqa: E402
-from wavedistill.teacher import Teacher  # noqa: E402
+from wavedistill.generation.cached import CachedGenerator  # noqa: E402
+from wavedistill.models.teacher import Teacher  # noqa: E402
 
 
 def demo_teacher(seed: int = 0) -> Teacher:

@@ -110,7 +110,7 @@ def lively_teacher(output: str, mixtures: int, kernel_size: int, residual: int, 
     """A random float32 teacher (8 conditioning channels, 5 mels, hop 6) with livelier gates and narrower output
     distributions than at initialisation, so generated samples mostly stay inside (-1, 1) instead of clamping."""
     from wavedistill.config import TeacherConfig
-    from wavedistill.teacher import Teacher
+    from wavedistill.models.teacher import Teacher
 
     cfg = TeacherConfig(layers=layers, stacks=stacks, kernel_size=kernel_size, residual_channels=residual,
                         gate_channels=gate, skip_channels=skip, cond_channels=8, upsample_scales=[2, 3],

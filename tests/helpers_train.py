@@ -71,7 +71,7 @@ def write_corpus(root: Path, n: int = 6, sample_rate: int = 8000, seconds: float
 
 def make_cache(tmp: Path, n: int = 6) -> tuple[Path, Path]:
     """A corpus and its prepared feature cache under ``tmp``; returns ``(wav_dir, cache_dir)``."""
-    from wavedistill.prepare import run_prepare
+    from wavedistill.data.prepare import run_prepare
 
     wav_dir = write_corpus(tmp / "wavs", n)
     cache = tmp / "cache"
@@ -189,13 +189,13 @@ def _warm_up() -> None:
     import importlib
 
 
-    for name in ("wavedistill.cli", "wavedistill.prepare", "wavedistill.train_teacher", "wavedistill.distill",
-                 "wavedistill.synthesis", "wavedistill.evaluate", "wavedistill.bench", "accelerate", "tensorboard"):
+    for name in ("wavedistill.cli", "wavedistill.data.prepare", "wavedistill.train.teacher", "wavedistill.train.distill",
+                 "wavedistill.inference.synthesis", "wavedistill.eval.report", "wavedistill.eval.bench", "accelerate", "tensorboard"):
         try:
             importlib.import_module(name)
         except ImportError:  # a command another worker has not written yet
             pass
-    from wavedistill.audio import MelExtractor, trim_silence
+    from wavedistill.data.audio import MelExtractor, trim_silence
     from wavedistill.config import FeatureConfig
 
     x = speech_like(8000, seconds=0.5)

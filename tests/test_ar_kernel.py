@@ -1,4 +1,4 @@
-"""The persistent Triton AR generator (wavedistill.kernels.ar_triton) against the reference generators.
+"""The persistent Triton AR generator (wavedistill.generation.triton) against the reference generators.
 
 On a CPU-only machine the kernel runs in Triton's interpreter: ``TRITON_INTERPRET=1`` is set per test
 with monkeypatch (the kernel is built for the interpreter at its first CPU launch, whatever the variable
@@ -28,15 +28,16 @@ import pytest
 import torch
 
 from conftest import extreme_uniforms, flatten_mixture_logits, lively_teacher
-from wavedistill import fastgen, kernels
+from wavedistill import kernels
+from wavedistill.generation import cpp as fastgen
 from wavedistill.errors import UserError
 from wavedistill.config import TeacherConfig
-from wavedistill.generation import CachedGenerator
-from wavedistill.teacher import Teacher
+from wavedistill.generation.cached import CachedGenerator
+from wavedistill.models.teacher import Teacher
 
 pytest.importorskip("triton")
 
-from wavedistill.kernels import ar_triton  # noqa: E402  (needs triton)
+from wavedistill.generation import triton as ar_triton  # noqa: E402  (needs triton)
 
 TOL = 1e-4  # samples
 PARAM_TOL = 1e-5  # parameters, relative to max(1, |value|)
@@ -213,7 +214,7 @@ def test_rejects_bad_inputs(interpret):
 def test_bench_lists_the_persistent_entries_as_skipped_without_cuda():
     from types import SimpleNamespace
 
-    from wavedistill import bench
+    from wavedistill.eval import bench
     from wavedistill.config import FeatureConfig
 
     voc = SimpleNamespace(model=small_teacher(layers=2, stacks=1), features=FeatureConfig(), device=torch.device("cpu"),

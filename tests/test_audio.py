@@ -1,4 +1,4 @@
-"""wavedistill.audio: reading, resampling, trimming, mels, writing, quantisation."""
+"""wavedistill.data.audio: reading, resampling, trimming, mels, writing, quantisation."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import soundfile as sf
 import torch
 
 from conftest import speech_like
-from wavedistill.audio import AudioError, MelExtractor, load_audio, trim_silence, write_wav
-from wavedistill.distributions import quantize as quantize_16bit
+from wavedistill.data.audio import AudioError, MelExtractor, load_audio, trim_silence, write_wav
+from wavedistill.nn.distributions import quantize as quantize_16bit
 from wavedistill.config import FeatureConfig
 
 

@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 
 import helpers_train as h
 from conftest import speech_like
-from wavedistill.audio import AudioError, MelExtractor, load_audio
+from wavedistill.data.audio import AudioError, MelExtractor, load_audio
 from wavedistill.checkpoint import resolve_checkpoint
 from wavedistill.config import Config, FeatureConfig, load_config
 from wavedistill.errors import UserError
@@ -60,8 +60,8 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
-    from wavedistill.distill import distill
-    from wavedistill.train_teacher import train_teacher
+    from wavedistill.train.distill import distill
+    from wavedistill.train.teacher import train_teacher
 
     root = tmp_path_factory.mktemp("bad-inputs")
     wavs, cache = h.make_cache(root)

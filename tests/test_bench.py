@@ -11,12 +11,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from helpers_train import cli
-from wavedistill.bench import (naive_teacher_flops_per_sample, student_flops_per_sample, teacher_flops_per_sample,
+from wavedistill.eval.bench import (naive_teacher_flops_per_sample, student_flops_per_sample, teacher_flops_per_sample,
                                teacher_scoring_flops_per_sample)
 from wavedistill.checkpoint import model_config, save_checkpoint
 from wavedistill.config import FeatureConfig, StudentConfig, TeacherConfig
-from wavedistill.student import Student
-from wavedistill.teacher import Teacher
+from wavedistill.models.student import Student
+from wavedistill.models.teacher import Teacher
 
 FC = FeatureConfig()
 RESULT_FIELDS = ("generator", "checkpoint", "samples_per_second", "real_time_factor", "x_real_time", "flops_per_sample",
@@ -111,7 +111,7 @@ def test_bench_command_json_and_plot(tmp_path):
         assert r["real_time_factor"] * r["x_real_time"] == pytest.approx(1.0)
         assert r["samples_per_second"] == pytest.approx(r["samples"] / r["median_seconds"])
     assert by_name["teacher-cached"]["checkpoint"] == str(t.resolve() / "checkpoints" / "step-00000001")
-    from wavedistill.bench import NAIVE_MAX_SECONDS
+    from wavedistill.eval.bench import NAIVE_MAX_SECONDS
 
     naive_frames = max(1, round(min(0.05, NAIVE_MAX_SECONDS) * 8000 / 80))  # the naive reference runs a shorter window
     assert by_name["teacher-naive"]["samples"] == naive_frames * 80 and by_name["student"]["samples"] == 400

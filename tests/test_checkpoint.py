@@ -26,7 +26,7 @@ from wavedistill.checkpoint import (
 from wavedistill.config import FeatureConfig, TeacherConfig
 from wavedistill.errors import UserError
 from wavedistill.fileio import atomic_directory
-from wavedistill.teacher import Teacher
+from wavedistill.models.teacher import Teacher
 
 FEATURES = FeatureConfig(hop_length=16, n_mels=8)
 

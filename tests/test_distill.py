@@ -11,9 +11,9 @@ import torch
 
 from wavedistill.checkpoint import load_model, load_training_state, resolve_checkpoint
 from wavedistill.config import load_config
-from wavedistill.distill import distill, load_frozen_teacher
+from wavedistill.train.distill import distill, load_frozen_teacher
 from wavedistill.errors import UserError
-from wavedistill.prepare import run_prepare
+from wavedistill.data.prepare import run_prepare
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_TEACHER = REPO / "checkpoints" / "demo" / "teacher"

@@ -11,7 +11,7 @@ import scipy.stats
 import torch
 from torch.distributions import AffineTransform, Normal, SigmoidTransform, TransformedDistribution, Uniform
 
-from wavedistill.distributions import (
+from wavedistill.nn.distributions import (
     HALF_BIN,
     N_CODES,
     DiscretizedGaussian,

@@ -212,7 +212,7 @@ def test_dockerignore_excludes(path):
 
 def test_dockerignore_keeps_what_the_dockerfiles_copy():
     patterns = dockerignore()
-    needed = {"wavedistill/cli.py", "wavedistill/csrc/fastgen.cpp", "wavedistill/__init__.py"}
+    needed = {"wavedistill/cli.py", "wavedistill/generation/csrc/fastgen.cpp", "wavedistill/__init__.py"}
     for path in DOCKERFILES.values():
         for i in parse(path):
             if i["instruction"] in ("COPY", "ADD") and "--from" not in i["value"]:
@@ -245,7 +245,7 @@ def test_dockerignore_matcher_follows_docker_rules():
 def test_written_files_respect_the_umask(tmp_path):
     """The image runs as uid 10001 and writes into volumes mounted from the host: feature caches, wavs and reports
     must get the usual ``0666 & ~umask`` permissions, not mkstemp's owner-only 0600, or the host user cannot read them."""
-    from wavedistill.audio import write_wav
+    from wavedistill.data.audio import write_wav
     from wavedistill.fileio import atomic_write_bytes, atomic_write_json
 
     old = os.umask(0o022)

@@ -16,7 +16,7 @@ from conftest import speech_like
 from helpers_train import cli
 from wavedistill.checkpoint import model_config, save_checkpoint
 from wavedistill.config import FeatureConfig, StudentConfig, config_from_dict
-from wavedistill.evaluate import (
+from wavedistill.eval.report import (
     METRICS,
     MetricUndefined,
     Scorer,
@@ -26,7 +26,7 @@ from wavedistill.evaluate import (
     pesq_score,
     system_names,
 )
-from wavedistill.student import Student
+from wavedistill.models.student import Student
 
 FC = FeatureConfig()
 
@@ -136,7 +136,7 @@ def test_system_names_are_kinds_and_unique(tmp_path):
 
 
 def test_eval_command_writes_metrics_report_and_wavs(tmp_path):
-    from wavedistill.prepare import run_prepare
+    from wavedistill.data.prepare import run_prepare
 
     wavs = tmp_path / "wavs"
     wavs.mkdir()
@@ -209,7 +209,7 @@ def test_f0_metrics_known_answers():
 
 
 def voiced_fraction(x: np.ndarray) -> float:
-    from wavedistill.evaluate import f0_track
+    from wavedistill.eval.report import f0_track
 
     _, voiced = f0_track(x, FC.sample_rate, FC.hop_length, FC.n_fft)
     return float(voiced.mean())
@@ -217,7 +217,7 @@ def voiced_fraction(x: np.ndarray) -> float:
 
 def test_mcd_counts_speech_frames_only():
     """Near-silent reference frames (below the 40 dB speech threshold) do not enter the MCD mean."""
-    from wavedistill.evaluate import speech_frames
+    from wavedistill.eval.report import speech_frames
 
     rng = np.random.default_rng(1)
     ref = rng.normal(-2.0, 0.5, size=(64, 40))

@@ -1,4 +1,4 @@
-"""The compiled CPU generator (wavedistill.fastgen) against the Python CachedGenerator.
+"""The compiled CPU generator (wavedistill.generation.cpp) against the Python CachedGenerator.
 
 Equality is checked two ways, both in float32 with the same uniform noise:
 
@@ -31,10 +31,10 @@ import pytest
 import torch
 
 from conftest import extreme_uniforms, flatten_mixture_logits, lively_teacher
-from wavedistill import fastgen
+from wavedistill.generation import cpp as fastgen
 from wavedistill.config import TeacherConfig
-from wavedistill.generation import CachedGenerator
-from wavedistill.teacher import Teacher
+from wavedistill.generation.cached import CachedGenerator
+from wavedistill.models.teacher import Teacher
 
 TOL = 1e-4  # samples
 PARAM_TOL = 1e-5  # distribution parameters, relative to max(1, |value|); observed differences are ~1e-7
@@ -249,7 +249,7 @@ def test_rejects_what_it_cannot_run():
 def test_unavailable_is_reported_not_raised():
     """Without the extension: available() is False with a reason, and the constructor raises a clear error."""
     code = (
-        "import sys, wavedistill.fastgen as f\n"
+        "import sys, wavedistill.generation.cpp as f\n"
         "assert not f.available(), 'should be disabled'\n"
         "assert 'WAVEDISTILL_NO_FASTGEN' in f.build_error(), f.build_error()\n"
         "try:\n"

@@ -25,10 +25,10 @@ import torch
 
 import helpers_train as h
 from wavedistill import checkpoint as ckpt_mod
-from wavedistill import distributions
+from wavedistill.nn import distributions
 from wavedistill.checkpoint import load_model, resolve_checkpoint, save_checkpoint
 from wavedistill.cli import main as cli_main
-from wavedistill.data import FeatureCache
+from wavedistill.data.cache import FeatureCache
 from wavedistill.errors import NonFiniteError, UserError
 from wavedistill.fileio import load_tensors, save_tensors
 
@@ -44,7 +44,7 @@ def cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory, cache) -> Path:
     """A tiny teacher trained for 3 steps in-process."""
-    from wavedistill.train_teacher import train_teacher
+    from wavedistill.train.teacher import train_teacher
 
     root = tmp_path_factory.mktemp("faults-teacher")
     cfg = h.write_config(root / "teacher.yaml")
@@ -134,7 +134,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 @pytest.mark.slow
 def test_train_teacher_survives_sigkill_and_resumes_exactly(tmp_path, cache):
-    from wavedistill.train_teacher import train_teacher
+    from wavedistill.train.teacher import train_teacher
 
     max_steps = 40
     cfg = h.write_config(tmp_path / "t.yaml", train={"max_steps": max_steps, "save_every": 1, "valid_every": 10,
@@ -153,7 +153,7 @@ def test_train_teacher_survives_sigkill_and_resumes_exactly(tmp_path, cache):
 
 @pytest.mark.slow
 def test_distill_survives_sigkill_and_resumes_exactly(tmp_path, cache, teacher_ckpt):
-    from wavedistill.distill import distill
+    from wavedistill.train.distill import distill
 
     max_steps = 24
     cfg = h.write_config(tmp_path / "s.yaml", train={"max_steps": max_steps, "save_every": 1, "valid_every": 8,
@@ -254,7 +254,7 @@ def test_prepare_killed_then_rerun_completes(tmp_path, capsys):
         for name in _visible(feats):
             load_tensors(feats / name)  # no half-written feats file under its real name
     assert kills == 2
-    from wavedistill.prepare import run_prepare
+    from wavedistill.data.prepare import run_prepare
 
     run_prepare(wavs, out, h.tiny_config())  # the re-run (in-process: the CLI start-up was paid twice above)
     assert "reused from a previous run" in capsys.readouterr().out
@@ -272,10 +272,10 @@ def test_prepare_killed_then_rerun_completes(tmp_path, capsys):
 @pytest.mark.slow
 def test_synthesize_killed_then_rerun_completes(tmp_path, cache, teacher_ckpt):
     if not h.has_command("synthesize"):
-        pytest.skip("'wavedistill synthesize' is not registered (wavedistill/cli_synthesis.py)")
+        pytest.skip("'wavedistill synthesize' is not registered (wavedistill/inference/cli.py)")
     import soundfile as sf
 
-    from wavedistill.synthesis import run_synthesize
+    from wavedistill.inference.synthesis import run_synthesize
 
     # short .npy log-mels (12 frames = 0.12 s each): autoregressive teacher synthesis takes ~0.5 s per input
     fc = FeatureCache(cache)
@@ -322,7 +322,7 @@ def test_synthesize_killed_then_rerun_completes(tmp_path, cache, teacher_ckpt):
 )
 def test_checkpoint_write_fails_cleanly_on_full_or_readonly_disk(tmp_path, cache, monkeypatch, err, words):
     from wavedistill import fileio
-    from wavedistill.train_teacher import train_teacher
+    from wavedistill.train.teacher import train_teacher
 
     cfg = h.write_config(tmp_path / "t.yaml", train={"max_steps": 8, "save_every": 4, "valid_every": 4})
     exp = tmp_path / "exp"
@@ -348,7 +348,7 @@ def test_checkpoint_write_fails_cleanly_on_full_or_readonly_disk(tmp_path, cache
 
 def test_checkpoint_half_written_file_on_full_disk(tmp_path, cache, monkeypatch):
     """The disk fills up in the middle of writing the optimizer state: nothing partial is left behind."""
-    from wavedistill.train_teacher import train_teacher
+    from wavedistill.train.teacher import train_teacher
 
     cfg = h.write_config(tmp_path / "t.yaml", train={"max_steps": 8, "save_every": 4, "valid_every": 4})
     exp = tmp_path / "exp"
@@ -395,7 +395,7 @@ def _trainer_json(exp: Path) -> dict:
 
 
 def test_nan_loss_steps_are_skipped_and_counted(tmp_path, cache, monkeypatch):
-    from wavedistill.train_teacher import train_teacher
+    from wavedistill.train.teacher import train_teacher
 
     cfg = h.write_config(tmp_path / "t.yaml", train={"max_steps": 10, "save_every": 5, "valid_every": 5})
     seen = _nan_on(monkeypatch, lambda i: i in (2, 3, 4))
@@ -410,7 +410,7 @@ def test_nan_loss_steps_are_skipped_and_counted(tmp_path, cache, monkeypatch):
 
 
 def test_long_nan_run_stops_with_nonfinite_error_naming_last_good_checkpoint(tmp_path, cache, monkeypatch):
-    from wavedistill.train_teacher import train_teacher
+    from wavedistill.train.teacher import train_teacher
 
     cfg = h.write_config(tmp_path / "t.yaml", train={"max_steps": 30, "save_every": 4, "valid_every": 4, "max_bad_steps": 5})
     _nan_on(monkeypatch, lambda i: i >= 6)
@@ -438,7 +438,7 @@ def test_long_nan_run_exits_with_code_3(tmp_path, cache, monkeypatch, capsys):
 
 
 def test_nan_gradient_steps_are_skipped_and_counted(tmp_path, cache, monkeypatch):
-    from wavedistill import train_teacher as tt
+    from wavedistill.train import teacher as tt
 
     seen = {"backward": 0}
     bad = {1, 4}
@@ -468,7 +468,7 @@ def test_nan_gradient_steps_are_skipped_and_counted(tmp_path, cache, monkeypatch
 @pytest.mark.parametrize("tensor", ["audio", "mel"])
 def test_nan_in_feature_cache_is_refused(tmp_path, cache, tensor):
     """A cache whose audio or mel holds NaN must be refused with a clear UserError, not trained on."""
-    from wavedistill.train_teacher import train_teacher
+    from wavedistill.train.teacher import train_teacher
 
     bad_cache = tmp_path / "cache"
     shutil.copytree(cache, bad_cache)
@@ -486,7 +486,7 @@ def test_nan_in_feature_cache_is_refused(tmp_path, cache, tensor):
 
 def test_nan_on_the_last_step_still_leaves_a_final_checkpoint(tmp_path, cache, monkeypatch):
     """A run that reaches max_steps must end with a checkpoint at max_steps, even if that step was skipped."""
-    from wavedistill.train_teacher import train_teacher
+    from wavedistill.train.teacher import train_teacher
 
     cfg = h.write_config(tmp_path / "t.yaml", train={"max_steps": 6, "save_every": 4, "valid_every": 4})
     _nan_on(monkeypatch, lambda i: i == 5)

@@ -1,4 +1,4 @@
-"""Conditioning projections at frame rate (wavedistill.generation.FrameConditioning).
+"""Conditioning projections at frame rate (wavedistill.generation.cached.FrameConditioning).
 
 ``W · upsample(h) == upsample(W · h)``: the projections of all layers computed from the frames
 and then upsampled (in blocks, with frame context) must equal the per-sample projections of the
@@ -11,10 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wavedistill import fastgen, kernels
+from wavedistill import kernels
+from wavedistill.generation import cpp as fastgen
 from wavedistill.config import TeacherConfig
-from wavedistill.generation import CachedGenerator, FrameConditioning
-from wavedistill.teacher import Teacher
+from wavedistill.generation.cached import CachedGenerator, FrameConditioning
+from wavedistill.models.teacher import Teacher
 
 
 def teacher(scales=(2, 3), n_speakers: int = 0, output: str = "gaussian", dtype=torch.float32, seed: int = 0) -> Teacher:
@@ -136,7 +137,7 @@ def test_cpp_rejects_strided_projections():
 
 def test_triton_generation_equals_per_sample_path(monkeypatch):
     pytest.importorskip("triton")
-    from wavedistill.kernels import ar_triton
+    from wavedistill.generation import triton as ar_triton
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)

@@ -21,9 +21,9 @@ import torch
 from wavedistill import kernels
 from wavedistill.config import FeatureConfig, StudentConfig, TeacherConfig, config_from_dict
 from wavedistill.errors import UserError
-from wavedistill.layers import ResidualLayer, WaveNet
-from wavedistill.student import Student
-from wavedistill.teacher import Teacher
+from wavedistill.nn.wavenet import ResidualLayer, WaveNet
+from wavedistill.models.student import Student
+from wavedistill.models.teacher import Teacher
 
 pytest.importorskip("triton")
 
@@ -306,7 +306,7 @@ def test_configure_applies_the_train_config_key(monkeypatch, interpret):
 def test_training_run_gives_the_kernel_mode_back(tmp_path, monkeypatch):
     """train.kernels=reference holds for the run only: afterwards the process is back on its own setting."""
     from helpers_train import make_cache, write_config
-    from wavedistill.train_teacher import train_teacher
+    from wavedistill.train.teacher import train_teacher
 
     _, cache = make_cache(tmp_path, n=4)
     conf = write_config(tmp_path / "c.yaml", train={"max_steps": 1, "kernels": "reference"})
@@ -394,7 +394,7 @@ def test_bench_lists_fused_entries_as_skipped_without_cuda():
     """On CPU the fused entries are not timed; the report lists them under 'skipped' with the reason."""
     from types import SimpleNamespace
 
-    from wavedistill.bench import _bench_fused, format_table
+    from wavedistill.eval.bench import _bench_fused, format_table
 
     skipped = []
     for kind in ("student", "teacher"):

@@ -8,8 +8,8 @@ import scipy.stats
 import torch
 
 from wavedistill.config import DistillConfig, StudentConfig, TeacherConfig
-from wavedistill.distributions import DiscretizedMixtureOfLogistics
-from wavedistill.losses import (
+from wavedistill.nn.distributions import DiscretizedMixtureOfLogistics
+from wavedistill.train.losses import (
     DistillationLoss,
     cross_entropy_mc,
     gaussian_entropy,
@@ -17,8 +17,8 @@ from wavedistill.losses import (
     logistic_entropy,
     stft_loss,
 )
-from wavedistill.student import Student
-from wavedistill.teacher import Teacher
+from wavedistill.models.student import Student
+from wavedistill.models.teacher import Teacher
 
 
 def test_logistic_entropy_matches_scipy():

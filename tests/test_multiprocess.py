@@ -2,7 +2,7 @@
 
 ``train.batch_size`` is the global batch: each of N processes draws its
 ``batch_size / N`` share of the same per-step global batch
-(:meth:`wavedistill.training.SegmentSampler.batch`), and DDP averages the
+(:meth:`wavedistill.train.state.SegmentSampler.batch`), and DDP averages the
 gradients, so after a few steps the parameters equal those of a single
 process up to floating-point reduction order.
 
@@ -83,7 +83,7 @@ def _check_two_process_run(proc: subprocess.CompletedProcess, exp: Path, kind: s
 
 
 def test_teacher_two_processes_match_one_and_resume(tmp_path, cache):
-    from wavedistill.train_teacher import train_teacher
+    from wavedistill.train.teacher import train_teacher
 
     cfg = h.write_config(tmp_path / "t.yaml", train={"batch_size": 4, "max_steps": 8, "save_every": 4, "valid_every": 4,
                                                       "keep_checkpoints": 5})
@@ -106,8 +106,8 @@ def test_teacher_two_processes_match_one_and_resume(tmp_path, cache):
 
 
 def test_distill_two_processes_match_one_and_resume(tmp_path, cache):
-    from wavedistill.distill import distill
-    from wavedistill.train_teacher import train_teacher
+    from wavedistill.train.distill import distill
+    from wavedistill.train.teacher import train_teacher
 
     # The KL terms are exactly split-invariant (global-batch noise, per-timestep means). The STFT loss's spectral
     # convergence is a ratio of each process's local sums (a per-utterance ratio explodes on silent segments), so it

@@ -18,12 +18,12 @@ import soundfile as sf
 import torch
 
 from conftest import speech_like
-from wavedistill.audio import MelExtractor
+from wavedistill.data.audio import MelExtractor
 from wavedistill.config import Config, FeatureConfig
-from wavedistill.data import FeatureCache
+from wavedistill.data.cache import FeatureCache
 from wavedistill.errors import UserError
 from wavedistill.fileio import load_tensors, save_tensors
-from wavedistill.prepare import assign_splits, make_uttids, run_prepare
+from wavedistill.data.prepare import assign_splits, make_uttids, run_prepare
 
 GOOD = ["a.wav", "sub/b.wav", "c.wav", "c.flac", "d e.ogg", "stereo.wav", "rate44k.wav", "deep24.wav"]
 BAD = {

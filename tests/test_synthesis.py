@@ -15,9 +15,9 @@ from helpers_train import assert_stderr_one_error, cli
 from wavedistill.checkpoint import model_config, save_checkpoint
 from wavedistill.cli import main
 from wavedistill.config import FeatureConfig, StudentConfig, TeacherConfig
-from wavedistill.student import Student
-from wavedistill.synthesis import Vocoder, run_synthesize
-from wavedistill.teacher import Teacher
+from wavedistill.models.student import Student
+from wavedistill.inference.synthesis import Vocoder, run_synthesize
+from wavedistill.models.teacher import Teacher
 
 FC = FeatureConfig()  # 8 kHz, hop 80, 64 mels, n_fft 512
 
@@ -57,7 +57,7 @@ def random_mel(batch: int, frames: int, seed: int = 0) -> torch.Tensor:
 
 
 def mel_of(audio: np.ndarray) -> np.ndarray:
-    from wavedistill.audio import MelExtractor
+    from wavedistill.data.audio import MelExtractor
 
     x = torch.from_numpy(MelExtractor.align(audio, FC.hop_length))
     return MelExtractor(FC)(x).numpy()

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from wavedistill.config import TeacherConfig
-from wavedistill.distributions import quantize
-from wavedistill.generation import CachedGenerator
-from wavedistill.layers import ResidualLayer, WaveNet
-from wavedistill.teacher import Teacher
+from wavedistill.nn.distributions import quantize
+from wavedistill.generation.cached import CachedGenerator
+from wavedistill.nn.wavenet import ResidualLayer, WaveNet
+from wavedistill.models.teacher import Teacher
 
 F64 = torch.float64
 N_MELS = 5

@@ -16,12 +16,12 @@ import yaml
 
 from wavedistill.checkpoint import load_model
 from wavedistill.config import load_config
-from wavedistill.data import FeatureCache
+from wavedistill.data.cache import FeatureCache
 from wavedistill.errors import UserError
 from wavedistill.fileio import load_tensors
-from wavedistill.prepare import run_prepare
-from wavedistill.teacher import Teacher
-from wavedistill.train_teacher import train_teacher, validate
+from wavedistill.data.prepare import run_prepare
+from wavedistill.models.teacher import Teacher
+from wavedistill.train.teacher import train_teacher, validate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -266,7 +266,7 @@ def test_teacher_learns_on_demo_speech(demo_wav_dir, tmp_path):
 
 def test_warm_start_gaussian_teacher_from_mol_trunk(corpus, trained, tmp_path):
     """A Gaussian teacher started from a mixture-of-logistics run takes its trunk; only the head's last layer differs."""
-    from wavedistill.training import warm_start
+    from wavedistill.train.state import warm_start
 
     conf, data = corpus
     source, _, _ = load_model(trained)
@@ -300,7 +300,7 @@ def test_init_from_run_starts_from_the_source_weights(corpus, trained, tmp_path)
 ])
 def test_init_from_refusals(corpus, trained, tmp_path, override, message):
     conf, data = corpus
-    from wavedistill.training import warm_start
+    from wavedistill.train.state import warm_start
 
     cfg = load_config(conf, [override])
     with pytest.raises(UserError, match=message):
@@ -308,8 +308,8 @@ def test_init_from_refusals(corpus, trained, tmp_path, override, message):
 
 
 def test_init_from_wrong_kind_refused(corpus, trained, tmp_path):
-    from wavedistill.student import Student
-    from wavedistill.training import warm_start
+    from wavedistill.models.student import Student
+    from wavedistill.train.state import warm_start
 
     conf, _ = corpus
     cfg = load_config(conf)

@@ -200,10 +200,10 @@ def build_model(cfg: dict):
     except UserError as e:
         raise UserError(f"checkpoint config is invalid: {e}") from None
     if cfg["kind"] == "teacher":
-        from .teacher import Teacher
+        from .models.teacher import Teacher
 
         return Teacher(model_cfg, features.n_mels), features
-    from .student import Student
+    from .models.student import Student
 
     return Student(model_cfg, features.n_mels), features
 

@@ -13,7 +13,7 @@ from .errors import NonFiniteError, UserError
 
 def _prepare(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .prepare import run_prepare
+    from .data.prepare import run_prepare
 
     cfg = load_config(args.config, args.overrides)
     run_prepare(args.wav_dir, args.out, cfg)
@@ -21,14 +21,14 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _train_teacher(args: argparse.Namespace) -> int:
-    from .train_teacher import train_teacher
+    from .train.teacher import train_teacher
 
     train_teacher(args.config, args.data, args.out, overrides=args.overrides, max_steps=args.max_steps, resume=args.resume)
     return 0
 
 
 def _distill(args: argparse.Namespace) -> int:
-    from .distill import distill
+    from .train.distill import distill
 
     distill(args.config, args.teacher, args.data, args.out, overrides=args.overrides, max_steps=args.max_steps, resume=args.resume)
     return 0
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--card", default=None, help="markdown model card to include as README.md")
     sp.set_defaults(func=_export)
 
-    from .cli_synthesis import register
+    from .inference.cli import register
 
     register(sub)  # synthesize, eval, bench
     return p

@@ -18,9 +18,9 @@ import math
 import torch
 from torch import nn
 
-from .config import StudentConfig
-from .flows import FlowSequence, IAFLayer, upcast
-from .layers import ConditionNet
+from ..config import StudentConfig
+from ..flows import FlowSequence, IAFLayer, upcast
+from ..nn.wavenet import ConditionNet
 
 
 class Student(nn.Module):
@@ -78,16 +78,8 @@ class Student(nn.Module):
         return c
 
     def transform(self, z: torch.Tensor, c: torch.Tensor):
-        """Run the flows: ``(x, μ_tot, log s_tot)``, each ``[B, T]`` (float32 for the last two)."""
-        x = z
-        mu_tot = torch.zeros_like(upcast(z))
-        log_s_tot = torch.zeros_like(mu_tot)
-        for f in self.flow.flows:
-            mu, log_s = f.shift_log_scale(x, c)
-            x = upcast(x) * torch.exp(log_s) + mu
-            mu_tot = mu_tot * torch.exp(log_s) + mu
-            log_s_tot = log_s_tot + log_s
-        return x, mu_tot, log_s_tot
+        """Run the flows through the contract: ``(x, μ_tot, log s_tot)``, each ``[B, T]`` (float32 for the last two)."""
+        return self.flow.affine(z, c)
 
     def forward(self, z: torch.Tensor, mel: torch.Tensor, context: int = 0):
         """``z [B, T]``, ``mel`` with ``context`` extra frames per side → ``(x, μ_tot, log s_tot)``."""
@@ -107,9 +99,9 @@ class Student(nn.Module):
     def log_prob(self, x: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
         """Log-density of any waveform (sequential inverse; slow, for tests and scoring)."""
         c = self.condition(mel)
-        z = self.flow.inverse(x, c)
-        _, log_det = self.flow(z, c)
-        return self.base_log_prob(z) - log_det
+        z, _ = self.flow.inverse(x, c)
+        _, _, log_s_tot = self.flow.affine(z, c)
+        return self.base_log_prob(z) - log_s_tot
 
     @torch.no_grad()
     def synthesize(self, mel: torch.Tensor, seed: int | None = None, temperature: float = 1.0, offset: int = 0,

@@ -21,8 +21,8 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from .config import FeatureConfig
-from .fileio import atomic_write_bytes
+from ..config import FeatureConfig
+from ..fileio import atomic_write_bytes
 
 
 class AudioError(Exception):

@@ -15,7 +15,7 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import run_eval
+    from ..eval.report import run_eval
 
     run_eval(args.checkpoint, args.data, args.out, split=args.split, max_utterances=args.max_utterances,
              seed=args.seed, device=args.device)
@@ -23,7 +23,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from ..eval.bench import run_bench
 
     run_bench(args.checkpoint, device=args.device, seconds=args.seconds, repeats=args.repeats, json_path=args.json,
               plot_path=args.plot, threads=args.threads)

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from .config import FeatureConfig, section_from_dict
-from .errors import UserError
-from .fileio import load_tensors, read_json
+from ..config import FeatureConfig, section_from_dict
+from ..errors import UserError
+from ..fileio import load_tensors, read_json
 
 SPLITS = ("train", "valid", "test")
 

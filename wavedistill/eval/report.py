@@ -41,12 +41,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .audio import MelExtractor, write_wav
-from .config import FeatureConfig
-from .data import FeatureCache
-from .errors import UserError
-from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, describe_os_error
+from .. import __version__
+from ..data.audio import MelExtractor, write_wav
+from ..config import FeatureConfig
+from ..data.cache import FeatureCache
+from ..errors import UserError
+from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, describe_os_error
 
 METRICS = ("pesq", "stoi", "mcd_db", "log_mel_l1", "spectral_convergence", "f0_rmse_cents", "vuv_error")
 HIGHER_IS_BETTER = {"pesq": True, "stoi": True, "mcd_db": False, "log_mel_l1": False, "spectral_convergence": False,
@@ -401,7 +401,7 @@ def run_eval(checkpoints: list[str], data: str | Path, out: str | Path, split: s
     """Score every checkpoint and Griffin-Lim on ``split`` of the feature cache ``data``; write the report to ``out``."""
     from tqdm import tqdm
 
-    from .synthesis import Vocoder
+    from ..inference.synthesis import Vocoder
 
     if not checkpoints:
         raise UserError("pass at least one --checkpoint")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .layers import SQRT_HALF, ConditionNet
+from ..nn.wavenet import SQRT_HALF, ConditionNet
 
 PROJECTION_BLOCK = 2048  # samples per frame-rate projection block (bounds memory to B·L·G·~2500 floats)
 

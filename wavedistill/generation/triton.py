@@ -85,10 +85,10 @@ import functools
 import torch
 import triton.language as tl
 
-from ..distributions import DiscretizedGaussian, DiscretizedMixtureOfLogistics
-from ..generation import CachedGenerator, FrameConditioning, GenerationCache, layer_projections
-from . import _build
-from ._build import pow2
+from ..nn.distributions import DiscretizedGaussian, DiscretizedMixtureOfLogistics
+from .cached import CachedGenerator, FrameConditioning, GenerationCache, layer_projections
+from ..kernels import _build
+from ..kernels._build import pow2
 
 __all__ = ["TritonARGenerator", "unsupported_reason"]
 
@@ -252,7 +252,7 @@ def kernel_constants(R: int, H: int, S: int, K: int, kernel_size: int, mol: bool
 
 def unsupported_reason(teacher) -> str | None:
     """Why :class:`TritonARGenerator` cannot run ``teacher`` here (``None`` if it can)."""
-    from . import get_mode, interpreting, triton_available
+    from ..kernels import get_mode, interpreting, triton_available
 
     if get_mode() == "reference":
         return "WAVEDISTILL_KERNELS=reference selects the PyTorch generator"

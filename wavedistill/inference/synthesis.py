@@ -37,11 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .audio import AudioError, MelExtractor, load_audio, write_wav
-from .checkpoint import load_model, resolve_checkpoint
-from .config import FeatureConfig
-from .errors import UserError
-from .fileio import unique_names, describe_os_error
+from ..data.audio import AudioError, MelExtractor, load_audio, write_wav
+from ..checkpoint import load_model, resolve_checkpoint
+from ..config import FeatureConfig
+from ..errors import UserError
+from ..fileio import unique_names, describe_os_error
 
 LIST_SUFFIXES = (".txt", ".list", ".scp")
 MAX_SEED = 2**32  # the student's positional noise seeds generators with seed·1000003 + block
@@ -252,7 +252,7 @@ class Vocoder:
         return [torch.cat(o) for o in outs]
 
     def _teacher(self, mels, frames, seed, rows, temperature, chunk, speaker, progress) -> list[torch.Tensor]:
-        from .fastgen import make_generator
+        from ..generation.cpp import make_generator
 
         model, hop = self.model, self.hop
         B, n_max = len(mels), max(frames)

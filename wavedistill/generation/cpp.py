@@ -6,7 +6,7 @@ weights, the same ring-buffer caches (it uses and returns
 :class:`~wavedistill.generation.GenerationCache` objects, so a cache can be
 handed from one generator to the other, ``x_prev`` included), the same
 per-step maths and the same sampling from explicit uniform noise — but runs the
-loop over time steps and layers in C++ (``wavedistill/csrc/fastgen.cpp``), so
+loop over time steps and layers in C++ (``wavedistill/generation/csrc/fastgen.cpp``), so
 it is bound by memory bandwidth (the ~2 MB of demo-size weights stream from
 cache at every step) instead of Python overhead.  Results agree with the
 Python generator to float32 rounding (~2e-7), because the sums run in a
@@ -53,10 +53,10 @@ from pathlib import Path
 
 import torch
 
-from .distributions import DiscretizedGaussian, DiscretizedMixtureOfLogistics
-from .errors import UserError
-from .generation import PROJECTION_BLOCK, CachedGenerator, FrameConditioning, GenerationCache
-from .layers import SQRT_HALF
+from ..nn.distributions import DiscretizedGaussian, DiscretizedMixtureOfLogistics
+from ..errors import UserError
+from .cached import PROJECTION_BLOCK, CachedGenerator, FrameConditioning, GenerationCache
+from ..nn.wavenet import SQRT_HALF
 
 __all__ = [
     "FastCachedGenerator", "FastGenUnavailable", "available", "build_error", "flops_per_sample", "library_path",
@@ -398,14 +398,14 @@ def make_generator(teacher, fast: bool | None = None, threads: int = 1):
     """
     if fast is False:
         return CachedGenerator(teacher)
-    from . import kernels
+    from .. import kernels
 
     mode = kernels.get_mode()
     if mode == "triton" or next(teacher.parameters()).device.type == "cuda":
         if not kernels.triton_available():
             reason = "the 'triton' package does not import here"
         else:
-            from .kernels import ar_triton
+            from . import triton as ar_triton
 
             reason = ar_triton.unsupported_reason(teacher)
             if reason is None:

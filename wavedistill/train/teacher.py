@@ -12,13 +12,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import kernels
-from .config import load_config
-from .distributions import quantize
-from .data import FeatureCache
-from .errors import UserError
-from .teacher import Teacher
-from .training import (
+from .. import kernels
+from ..config import load_config
+from ..nn.distributions import quantize
+from ..data.cache import FeatureCache
+from ..errors import UserError
+from ..models.teacher import Teacher
+from .state import (
     EMA,
     RunState,
     SegmentSampler,
@@ -193,7 +193,7 @@ def _train_teacher(config_path, data, out, overrides=None, max_steps=None, resum
 
 @torch.no_grad()
 def _log_sample(model: Teacher, valid, cfg, writer, step: int, exp: Path) -> None:
-    from .audio import write_wav
+    from ..data.audio import write_wav
 
     _, audio, mel = valid[0]
     frames = min(mel.shape[1], max(1, int(cfg.train.sample_seconds * cfg.features.sample_rate) // model.hop))

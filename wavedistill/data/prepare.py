@@ -29,11 +29,11 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from . import __version__
+from .. import __version__
 from .audio import AudioError, MelExtractor, load_audio, trim_silence
-from .config import Config, FeatureConfig
-from .errors import UserError
-from .fileio import unique_names, atomic_write_json, atomic_write_text, describe_os_error, read_json, save_tensors
+from ..config import Config, FeatureConfig
+from ..errors import UserError
+from ..fileio import unique_names, atomic_write_json, atomic_write_text, describe_os_error, read_json, save_tensors
 
 SPLITS = ("train", "valid", "test")
 CLIP_LEVEL = 0.999  # a file whose peak reaches this is counted as clipped

@@ -47,11 +47,11 @@ from typing import Callable
 
 import torch
 
-from . import kernels
-from .config import FeatureConfig
-from .errors import UserError
-from .generation import FrameConditioning
-from .fileio import atomic_write_bytes, atomic_write_json, describe_os_error
+from .. import kernels
+from ..config import FeatureConfig
+from ..errors import UserError
+from ..generation.cached import FrameConditioning
+from ..fileio import atomic_write_bytes, atomic_write_json, describe_os_error
 
 PERSISTENT_STREAMS = 16  # streams of the batched persistent-kernel entry
 NAIVE_MAX_SECONDS = 0.02  # the naive reference recomputes the receptive field per sample: keep it short
@@ -259,7 +259,7 @@ def _bench_fused(voc, seconds: float, repeats: int, peak: float, temperature: fl
             times = time_call(lambda: model.log_prob(audio, mel), dev, repeats)
         results.append(_entry(generator, name, dev, fc.sample_rate, samples, times,
                               teacher_scoring_flops_per_sample(model), peak))
-    from .kernels import ar_triton
+    from ..generation import triton as ar_triton
 
     reason = ar_triton.unsupported_reason(model)
     if reason is not None:
@@ -318,7 +318,7 @@ def _bench_reference(voc, seconds: float, repeats: int, peak: float, temperature
 
 
 def bench_griffin_lim(features: FeatureConfig, seconds: float, repeats: int, peak: float) -> dict:
-    from .evaluate import griffin_lim
+    from .report import griffin_lim
 
     mel = bench_mel(features, seconds, torch.device("cpu"))[0].numpy()
     samples = mel.shape[1] * features.hop_length
@@ -385,8 +385,8 @@ def run_bench(checkpoints: list[str], device: str = "cpu", seconds: float = 1.0,
               json_path: str | Path | None = None, plot_path: str | Path | None = None, threads: int | None = None,
               griffin_lim: bool = True) -> dict:
     """Benchmark every checkpoint (and Griffin-Lim); print a table; optionally write JSON and a PNG plot."""
-    from . import __version__
-    from .synthesis import Vocoder
+    from .. import __version__
+    from ..inference.synthesis import Vocoder
 
     if not checkpoints:
         raise UserError("pass at least one --checkpoint")

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import (
+from ..checkpoint import (
     load_training_state,
     model_config,
     read_checkpoint_config,
@@ -31,8 +31,8 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from .config import Config, TrainConfig
-from .errors import NonFiniteError, UserError
+from ..config import Config, TrainConfig
+from ..errors import NonFiniteError, UserError
 
 
 class EMA:
@@ -213,7 +213,7 @@ def warm_start(model: nn.Module, source: str, kind: str, features) -> tuple[int,
     conditioning network carry over, the output head (other shape) starts fresh.
     Returns ``(copied, total)`` tensor counts.
     """
-    from .fileio import load_tensors
+    from ..fileio import load_tensors
 
     ckpt = resolve_checkpoint(source)
     cfg = read_checkpoint_config(ckpt)
@@ -247,7 +247,7 @@ def apply_init_from(acc, model: nn.Module, tc: TrainConfig, resume_from: Path | 
 
 
 def restore(ckpt: Path, model: nn.Module, ema: EMA, optimizer, scheduler, run: RunState) -> None:
-    from .fileio import load_tensors
+    from ..fileio import load_tensors
 
     st = load_training_state(ckpt)
     model.load_state_dict(st["params"])

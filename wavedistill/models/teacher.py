@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TeacherConfig
-from .distributions import make_distribution, quantize
-from .layers import ConditionNet, WaveNet
+from ..config import TeacherConfig
+from ..nn.distributions import make_distribution, quantize
+from ..nn.wavenet import ConditionNet, WaveNet
 
 
 class Teacher(nn.Module):
@@ -92,8 +92,8 @@ class Teacher(nn.Module):
         teacher — else the Python one; ``True`` requires it; ``False`` forces Python
         (see :func:`wavedistill.fastgen.make_generator`).
         """
-        from .fastgen import make_generator
-        from .generation import FrameConditioning
+        from ..generation.cpp import make_generator
+        from ..generation.cached import FrameConditioning
 
         c = FrameConditioning.from_mel(self.cond, mel, speaker)  # projected per layer at frame rate, then upsampled
         if noise is None:

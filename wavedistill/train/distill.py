@@ -10,15 +10,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .audio import MelExtractor
-from .checkpoint import load_model
-from . import kernels
-from .config import load_config
-from .data import FeatureCache
-from .errors import UserError
+from ..data.audio import MelExtractor
+from ..checkpoint import load_model
+from .. import kernels
+from ..config import load_config
+from ..data.cache import FeatureCache
+from ..errors import UserError
 from .losses import DistillationLoss, log_mel_distance
-from .student import Student
-from .training import (
+from ..models.student import Student
+from .state import (
     EMA,
     RunState,
     SegmentSampler,
@@ -219,7 +219,7 @@ def _distill(config_path, teacher_path, data, out, overrides=None, max_steps=Non
 
 @torch.no_grad()
 def _log_sample(student: Student, valid, cfg, writer, step: int, exp: Path) -> None:
-    from .audio import write_wav
+    from ..data.audio import write_wav
 
     _, audio, mel = valid[0]
     y = student.synthesize(mel[None].to(next(student.parameters()).device), seed=step)[0].float().cpu()

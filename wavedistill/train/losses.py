@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .flows import upcast
+from ..flows.base import upcast
 
 LOGISTIC_ENTROPY_CONST = 2.0
 GAUSSIAN_ENTROPY_CONST = 0.5 * math.log(2 * math.pi * math.e)
