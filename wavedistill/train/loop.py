@@ -40,7 +40,7 @@ class Objective:
     """What one kind of training adds to the loop.  Subclasses set ``kind`` and ``desc`` and implement the hooks."""
 
     kind = ""  # checkpoint kind: "teacher" | "student"
-    desc = ""  # progress-bar label and TensorBoard project
+    desc = ""  # progress-bar label
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -162,7 +162,7 @@ def _run(obj: Objective, data, out, resume, max_steps) -> dict:
 
     if acc.is_main_process:
         exp.mkdir(parents=True, exist_ok=True)
-        acc.init_trackers(obj.desc)
+        acc.init_trackers(obj.kind)  # TensorBoard under logs/<kind>
         print(obj.banner(raw, len(train_set), len(valid_set), world, impl, run.step), flush=True)
     writer = acc.get_tracker("tensorboard", unwrap=True) if acc.is_main_process else None
     bar = tqdm(total=tc.max_steps, initial=run.step, disable=not acc.is_main_process, desc=obj.desc, dynamic_ncols=True)
