@@ -33,6 +33,7 @@ from wavedistill.generation import cpp as fastgen
 from wavedistill.errors import UserError
 from wavedistill.config import TeacherConfig
 from wavedistill.generation.cached import CachedGenerator
+from wavedistill.generation.select import make_generator
 from wavedistill.models.teacher import Teacher
 
 pytest.importorskip("triton")
@@ -181,21 +182,21 @@ def test_generator_selection(interpret, monkeypatch):
     t = small_teacher(output="gaussian", layers=2, stacks=1)
     mel = torch.randn(1, 5, 4)
     monkeypatch.setenv(kernels.ENV_VAR, "triton")
-    assert isinstance(fastgen.make_generator(t), ar_triton.TritonARGenerator)
+    assert isinstance(make_generator(t), ar_triton.TritonARGenerator)
     noise = t.make_noise(1, 4 * t.hop, seed=5)
     y = t.generate(mel, noise=noise)  # through the kernel
     y_ref = t.generate(mel, noise=noise, fast=False)
     assert (y - y_ref).abs().max().item() <= TOL
     monkeypatch.setenv(kernels.ENV_VAR, "reference")
-    assert not isinstance(fastgen.make_generator(t), ar_triton.TritonARGenerator)
+    assert not isinstance(make_generator(t), ar_triton.TritonARGenerator)
     assert "reference" in ar_triton.unsupported_reason(t)
     monkeypatch.setenv(kernels.ENV_VAR, "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(UserError, match="needs a CUDA teacher"):  # the user's switch: one line, exit 2
-        fastgen.make_generator(t)
+        make_generator(t)
     monkeypatch.setenv(kernels.ENV_VAR, "auto")
     if not torch.cuda.is_available():  # auto never picks the interpreter for a CPU teacher
-        assert not isinstance(fastgen.make_generator(t), ar_triton.TritonARGenerator)
+        assert not isinstance(make_generator(t), ar_triton.TritonARGenerator)
     assert "float32" in ar_triton.unsupported_reason(small_teacher(layers=2, stacks=1).double())
 
 
@@ -296,14 +297,14 @@ def test_gpu_matches_reference_long(case):
 def test_gpu_teacher_generate_dispatch(monkeypatch):
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
     t = small_teacher(output="gaussian", layers=4).cuda()  # no argmax: the runs must agree throughout
-    assert isinstance(fastgen.make_generator(t), ar_triton.TritonARGenerator)
+    assert isinstance(make_generator(t), ar_triton.TritonARGenerator)
     mel = torch.randn(2, 5, 20, device="cuda")
     noise = t.make_noise(2, 20 * t.hop, seed=1, device="cuda")
     y = t.generate(mel, noise=noise)
     y_ref = t.generate(mel, noise=noise, fast=False)
     assert (y - y_ref).abs().max().item() <= TOL
     monkeypatch.setenv(kernels.ENV_VAR, "reference")
-    assert isinstance(fastgen.make_generator(t), CachedGenerator)
+    assert isinstance(make_generator(t), CachedGenerator)
 
 
 @gpu

@@ -34,6 +34,7 @@ from conftest import extreme_uniforms, flatten_mixture_logits, lively_teacher
 from wavedistill.generation import cpp as fastgen
 from wavedistill.config import TeacherConfig
 from wavedistill.generation.cached import CachedGenerator
+from wavedistill.generation.select import make_generator
 from wavedistill.models.teacher import Teacher
 
 TOL = 1e-4  # samples
@@ -278,10 +279,10 @@ def test_normal_quantile_matches_torch():
 def test_make_generator_picks_the_path():
     t = small_teacher()
     assert fastgen.supports(t)
-    assert isinstance(fastgen.make_generator(t), fastgen.FastCachedGenerator)
-    assert isinstance(fastgen.make_generator(t, fast=False), CachedGenerator)
+    assert isinstance(make_generator(t), fastgen.FastCachedGenerator)
+    assert isinstance(make_generator(t, fast=False), CachedGenerator)
     t64 = small_teacher().double()
     assert not fastgen.supports(t64)
-    assert isinstance(fastgen.make_generator(t64), CachedGenerator)  # auto: falls back
+    assert isinstance(make_generator(t64), CachedGenerator)  # auto: falls back
     with pytest.raises(ValueError, match="float32"):
-        fastgen.make_generator(t64, fast=True)
+        make_generator(t64, fast=True)

@@ -185,33 +185,18 @@ class CachedGenerator:
     block = 1024  # samples per conditioning-projection block (and per progress callback)
 
     def __init__(self, teacher):
-        net = teacher.net
         self.dist = teacher.dist
-        self.k = net.kernel_size
-        self.dilations = list(net.dilations)
+        self.weights = w = teacher.net.step_weights()  # the one named export all generators read
+        self.k = w.kernel_size
+        self.dilations = w.dilations
         self.sizes = [(self.k - 1) * d for d in self.dilations]
-        self.skip_scale = math.sqrt(1.0 / len(net.layers))
+        self.skip_scale = w.skip_scale
         p = next(teacher.parameters())
         self.dtype, self.device = p.dtype, p.device
-        self.w_in = net.input.weight[:, 0, 0].detach()  # [R]
-        self.b_in = net.input.bias.detach()
-        self.layers = []
-        for layer in net.layers:
-            w = layer.conv.weight.detach()  # [G, R, k]; tap j multiplies x[t-(k-1-j)d]
-            w_taps = torch.cat([w[:, :, j].t() for j in range(self.k)], dim=0).contiguous()  # [k*R, G]
-            if layer.res is not None:
-                w_res, b_res = layer.res.weight[:, :, 0].t() * SQRT_HALF, layer.res.bias * SQRT_HALF
-            else:  # last layer: its residual output is never read
-                w_res = layer.skip.weight.new_zeros(layer.skip.in_channels, net.input.out_channels)
-                b_res = layer.skip.bias.new_zeros(net.input.out_channels)
-            w_out = torch.cat([w_res, layer.skip.weight[:, :, 0].t()], dim=1)
-            b_out = torch.cat([b_res, layer.skip.bias])
-            self.layers.append((w_taps, layer.conv.bias.detach(), w_out.detach().contiguous(), b_out.detach()))
-        self.res_channels = net.input.out_channels
-        self.w_cond = torch.cat([layer.cond.weight[:, :, 0] for layer in net.layers], dim=0).detach()  # [L*G, C]
-        self.gate = net.layers[0].conv.out_channels
-        self.h1w, self.h1b = net.head1.weight[:, :, 0].detach().t().contiguous(), net.head1.bias.detach()
-        self.h2w, self.h2b = net.head2.weight[:, :, 0].detach().t().contiguous(), net.head2.bias.detach()
+        self.layers = w.layers
+        self.res_channels = w.residual
+        self.w_cond = w.w_cond  # [L*G, C]
+        self.gate = w.gate
 
     def new_cache(self, batch: int) -> GenerationCache:
         return GenerationCache.empty(self.sizes, batch, self.res_channels, self.dtype, self.device)
@@ -229,25 +214,26 @@ class CachedGenerator:
     def step(self, x_prev: torch.Tensor, cond_t: torch.Tensor, cache: GenerationCache) -> torch.Tensor:
         """One step: ``x_prev [B]`` (the previous sample) → distribution params ``[B, P]``."""
         t = cache.t
-        h = x_prev[:, None] * self.w_in + self.b_in  # [B, R]
+        h = x_prev[:, None] * self.weights.w_in + self.weights.b_in  # [B, R]
         skip = None
         R = self.res_channels
         half = self.gate // 2
-        for i, (w_taps, b_conv, w_out, b_out) in enumerate(self.layers):
+        for i, layer in enumerate(self.layers):
             buf = cache.buffers[i]
             m = self.sizes[i]
             d = self.dilations[i]
             taps = [buf[(t - (self.k - 1 - j) * d) % m] for j in range(self.k - 1)]
-            g = torch.addmm(b_conv, torch.cat(taps + [h], dim=1), w_taps) + cond_t[i]
+            g = torch.addmm(layer.b_conv, torch.cat(taps + [h], dim=1), layer.w_taps) + cond_t[i]
             z = torch.tanh(g[:, :half]) * torch.sigmoid(g[:, half:])
-            o = torch.addmm(b_out, z, w_out)
+            o = torch.addmm(layer.b_out, z, layer.w_out)
             buf[t % m] = h
             h = h * SQRT_HALF + o[:, :R]
             skip = o[:, R:] if skip is None else skip + o[:, R:]
+        w = self.weights
         s = torch.relu(skip * self.skip_scale)
-        s = torch.relu(torch.addmm(self.h1b, s, self.h1w))
+        s = torch.relu(torch.addmm(w.h1b, s, w.h1w))
         cache.t = t + 1
-        return torch.addmm(self.h2b, s, self.h2w)
+        return torch.addmm(w.h2b, s, w.h2w)
 
     @torch.no_grad()
     def run(self, c, noise: torch.Tensor, temperature: float = 1.0, cache: GenerationCache | None = None,

@@ -60,7 +60,7 @@ from ..nn.wavenet import SQRT_HALF
 
 __all__ = [
     "FastCachedGenerator", "FastGenUnavailable", "available", "build_error", "flops_per_sample", "library_path",
-    "make_generator", "supports",
+    "supports",
 ]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "fastgen.cpp"
@@ -213,12 +213,11 @@ class FastCachedGenerator:
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
     def _pack(self) -> None:
-        ref = self.ref
-        k, L = ref.k, len(ref.layers)
-        R, G = ref.res_channels, ref.gate
+        ref, w = self.ref, self.ref.weights
+        k, L = w.kernel_size, len(w.layers)
+        R, G, S = w.residual, w.gate, w.skip
         H = G // 2
-        S = ref.layers[0][2].shape[1] - R
-        P = ref.h2w.shape[1]
+        P = w.h2w.shape[1]
         Rp, Hp, Sp, Pp = _pad(R), _pad(H), _pad(S), _pad(P)
         chunks: list[torch.Tensor] = []
         size = 0
@@ -248,21 +247,22 @@ class FastCachedGenerator:
             return out
 
         cfg = [L, k, R, Rp, G, H, Hp, S, Sp, P, Pp, self.kind, self.mixtures, self.n_noise]
-        off_in, off_bin = put(vec(ref.w_in, Rp)), put(vec(ref.b_in, Rp))
+        off_in, off_bin = put(vec(w.w_in, Rp)), put(vec(w.b_in, Rp))
         h1w = torch.zeros(Sp, Sp)
-        h1w[:S, :S] = ref.h1w
+        h1w[:S, :S] = w.h1w
         h2w = torch.zeros(Sp, Pp)
-        h2w[:S, :P] = ref.h2w
-        heads = [put(h1w), put(vec(ref.h1b, Sp)), put(h2w), put(vec(ref.h2b, Pp))]
-        C = ref.w_cond.shape[1]
+        h2w[:S, :P] = w.h2w
+        heads = [put(h1w), put(vec(w.h1b, Sp)), put(h2w), put(vec(w.h2b, Pp))]
+        C = w.w_cond.shape[1]
         LGp = _pad(L * G)
         wc = torch.zeros(C, LGp)
-        wc[:, : L * G] = ref.w_cond.t()  # [C, L*G]: column l*G + g
+        wc[:, : L * G] = w.w_cond.t()  # [C, L*G]: column l*G + g
         self._c_index = len(cfg) + 2 + len(heads)  # where C sits: 0 there means "projections given"
         cfg += [off_in, off_bin] + heads + [C, LGp, put(wc)]
-        for d, (w_taps, b_conv, w_out, b_out) in zip(ref.dilations, ref.layers):
+        for layer in w.layers:
+            d, b_conv, w_out, b_out = layer.dilation, layer.b_conv, layer.w_out, layer.b_out
             wg = torch.zeros(k, Rp, G)
-            wg[:, :R] = w_taps.reshape(k, R, G)
+            wg[:, :R] = layer.w_taps.reshape(k, R, G)
             wg = gate_cols(wg.reshape(k * Rp, G))
             wo = torch.zeros(Hp, Rp + Sp)
             wo[:H, :R] = w_out[:, :R]
@@ -383,41 +383,6 @@ def supports(teacher) -> bool:
     """True if :class:`FastCachedGenerator` can run this teacher: float32 on the CPU, extension available."""
     p = next(teacher.parameters())
     return p.device.type == "cpu" and p.dtype == torch.float32 and available()
-
-
-def make_generator(teacher, fast: bool | None = None, threads: int = 1):
-    """The generator :meth:`Teacher.generate` should use.
-
-    ``fast=None``: the compiled generator for the teacher's device when it can run there, else the
-    Python :class:`~wavedistill.generation.CachedGenerator`; ``fast=True``: the compiled one or an
-    error saying why not; ``fast=False``: the Python one.  Compiled means the persistent Triton
-    kernel (:class:`~wavedistill.kernels.ar_triton.TritonARGenerator`) for a CUDA teacher, or under
-    ``WAVEDISTILL_KERNELS=triton`` (CPU tensors then need ``TRITON_INTERPRET=1``), and
-    :class:`FastCachedGenerator` on the CPU otherwise (``threads``: see there).
-    ``WAVEDISTILL_KERNELS=reference`` keeps CUDA teachers on the Python generator.
-    """
-    if fast is False:
-        return CachedGenerator(teacher)
-    from .. import kernels
-
-    mode = kernels.get_mode()
-    if mode == "triton" or next(teacher.parameters()).device.type == "cuda":
-        if not kernels.triton_available():
-            reason = "the 'triton' package does not import here"
-        else:
-            from . import triton as ar_triton
-
-            reason = ar_triton.unsupported_reason(teacher)
-            if reason is None:
-                return ar_triton.TritonARGenerator(teacher)
-        if mode == "triton" and not fast:  # the user's switch (config or WAVEDISTILL_KERNELS): a user error
-            raise UserError(f"kernels=triton cannot generate with this teacher: {reason}; use kernels=auto or reference")
-        if fast:
-            raise ValueError(f"fast generation is unavailable: {reason}")
-        return CachedGenerator(teacher)
-    if fast is None and not supports(teacher):
-        return CachedGenerator(teacher)
-    return FastCachedGenerator(teacher, threads=threads)
 
 
 def flops_per_sample(layers: int, kernel: int, residual: int, gate: int, skip: int, n_params: int) -> int:

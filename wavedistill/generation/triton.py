@@ -300,10 +300,9 @@ class TritonARGenerator:
 
     @torch.no_grad()
     def _pack(self) -> None:
-        ref, dev = self.ref, self.device
-        k, L, R, G = ref.k, len(ref.layers), ref.res_channels, ref.gate
+        ref, dev, w = self.ref, self.device, self.ref.weights
+        k, L, R, G, S = w.kernel_size, len(w.layers), w.residual, w.gate, w.skip
         H = G // 2
-        S = ref.layers[0][2].shape[1] - R
         K = ref.dist.k if self.mol else 1
         self.consts = consts = kernel_constants(R, H, S, K, k, self.mol)
         RP, HP, SP, KP = consts["RP"], consts["HP"], consts["SP"], consts["KP"]
@@ -313,33 +312,33 @@ class TritonARGenerator:
         br = torch.zeros(L, RP, **f32)
         ws = torch.zeros(L, HP, SP, **f32)
         bs = torch.zeros(L, SP, **f32)
-        for l, (w_taps, _, w_out, b_out) in enumerate(ref.layers):
-            taps = w_taps.reshape(k, R, G)  # [tap, in, out]
+        for l, layer in enumerate(w.layers):
+            taps, w_out, b_out = layer.w_taps.reshape(k, R, G), layer.w_out, layer.b_out  # taps: [tap, in, out]
             wg[l, :, 0, :H, :R] = taps[:, :, :H].transpose(1, 2)
             wg[l, :, 1, :H, :R] = taps[:, :, H:].transpose(1, 2)
             wr[l, :H, :R], br[l, :R] = w_out[:, :R], b_out[:R]  # zero for the last layer (CachedGenerator)
             ws[l, :H, :S], bs[l, :S] = w_out[:, R:], b_out[R:]
         h1w = torch.zeros(SP, SP, **f32)
-        h1w[:S, :S] = ref.h1w.t()  # [out, in]
+        h1w[:S, :S] = w.h1w.t()  # [out, in]
         h1b = torch.zeros(SP, **f32)
-        h1b[:S] = ref.h1b
+        h1b[:S] = w.h1b
         h2w = torch.zeros(3, SP, KP, **f32)
         h2b = torch.zeros(3, KP, **f32)
         groups = ([0, 1, 2], [K * g for g in range(3)]) if self.mol else ([1, 2], [0, 1])
         for g, start in zip(*groups):
-            h2w[g, :S, :K] = ref.h2w[:, start : start + K]
-            h2b[g, :K] = ref.h2b[start : start + K]
+            h2w[g, :S, :K] = w.h2w[:, start : start + K]
+            h2b[g, :K] = w.h2b[start : start + K]
         w_in = torch.zeros(RP, **f32)
         b_in = torch.zeros(RP, **f32)
-        w_in[:R], b_in[:R] = ref.w_in, ref.b_in
+        w_in[:R], b_in[:R] = w.w_in, w.b_in
         offsets = [0]
         for m in ref.sizes[:-1]:
             offsets.append(offsets[-1] + m)
         self.meta = torch.tensor([[m, o] for m, o in zip(ref.sizes, offsets)], dtype=torch.int32, device=dev)
         self.weights = (w_in, b_in, wg.contiguous(), wr, br, ws, bs, h1w, h1b, h2w, h2b)
-        self.w_cond = ref.w_cond.to(**f32).contiguous()  # [L*G, C]
-        self.cond_bias = torch.cat([b for _, b, _, _ in ref.layers]).to(**f32)  # [L*G]
-        self.dims = dict(L=L, k=k, R=R, H=H, G=G, S=S, K=K, P=ref.dist.n_params, C=ref.w_cond.shape[1])
+        self.w_cond = w.w_cond.to(**f32).contiguous()  # [L*G, C]
+        self.cond_bias = torch.cat([layer.b_conv for layer in w.layers]).to(**f32)  # [L*G]
+        self.dims = dict(L=L, k=k, R=R, H=H, G=G, S=S, K=K, P=ref.dist.n_params, C=w.w_cond.shape[1])
 
     def new_cache(self, batch: int) -> GenerationCache:
         return self.ref.new_cache(batch)

@@ -252,7 +252,7 @@ class Vocoder:
         return [torch.cat(o) for o in outs]
 
     def _teacher(self, mels, frames, seed, rows, temperature, chunk, speaker, progress) -> list[torch.Tensor]:
-        from ..generation.cpp import make_generator
+        from ..generation.select import make_generator
 
         model, hop = self.model, self.hop
         B, n_max = len(mels), max(frames)

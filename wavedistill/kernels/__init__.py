@@ -81,11 +81,12 @@ MAX_FUSED_WIDTH = 128
 
 def fusable(layer) -> str | None:
     """Why ``layer`` is too wide for the fused kernel (``None`` when it fits)."""
-    widths = {"residual": layer.conv.in_channels, "gate/2": layer.conv.out_channels // 2}
-    if layer.skip is not None:
-        widths["skip"] = layer.skip.out_channels
-    if layer.cond is not None:
-        widths["conditioning"] = layer.cond.in_channels
+    p = layer.params()
+    widths = {"residual": p.conv_w.shape[1], "gate/2": p.conv_w.shape[0] // 2}
+    if p.skip_w is not None:
+        widths["skip"] = p.skip_w.shape[0]
+    if p.cond_w is not None:
+        widths["conditioning"] = p.cond_w.shape[1]
     wide = [f"{k}={v}" for k, v in widths.items() if v > MAX_FUSED_WIDTH]
     if wide:
         return f"{', '.join(wide)} exceeds the fused kernel's {MAX_FUSED_WIDTH} channels"
@@ -169,14 +170,15 @@ def residual_layer(layer, x: torch.Tensor, c: torch.Tensor | None):
     """
     from .residual_triton import FusedResidualLayer
 
-    if x.dim() != 3 or x.shape[1] != layer.conv.in_channels:
-        raise ValueError(f"residual layer expects x [B, {layer.conv.in_channels}, T], got {list(x.shape)}")
-    if layer.res is None and layer.skip is None:  # nothing to compute: the layer passes x through
+    p = layer.params()
+    R, C = p.conv_w.shape[1], (p.cond_w.shape[1] if p.cond_w is not None else 0)
+    if x.dim() != 3 or x.shape[1] != R:
+        raise ValueError(f"residual layer expects x [B, {R}, T], got {list(x.shape)}")
+    if p.res_w is None and p.skip_w is None:  # nothing to compute: the layer passes x through
         return x, None
-    has_cond = layer.cond is not None and c is not None
-    if has_cond and (c.dim() != 3 or c.shape[0] not in (1, x.shape[0]) or c.shape[1] != layer.cond.in_channels
-                     or c.shape[2] != x.shape[2]):
-        raise ValueError(f"conditioning must be [{x.shape[0]} or 1, {layer.cond.in_channels}, {x.shape[2]}] "
+    has_cond = p.cond_w is not None and c is not None
+    if has_cond and (c.dim() != 3 or c.shape[0] not in (1, x.shape[0]) or c.shape[1] != C or c.shape[2] != x.shape[2]):
+        raise ValueError(f"conditioning must be [{x.shape[0]} or 1, {C}, {x.shape[2]}] "
                          f"for x {list(x.shape)}, got {list(c.shape)}")
     dev = x.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -184,12 +186,9 @@ def residual_layer(layer, x: torch.Tensor, c: torch.Tensor | None):
     def cast(t):
         return None if t is None else t.to(dtype)
 
-    res, skip = layer.res, layer.skip
     outs = FusedResidualLayer.apply(
-        layer.dilation, dev == "cpu", cast(x), cast(c) if has_cond else None, cast(layer.conv.weight),
-        cast(layer.conv.bias), cast(layer.cond.weight) if has_cond else None,
-        cast(res.weight) if res is not None else None, cast(res.bias) if res is not None else None,
-        cast(skip.weight) if skip is not None else None, cast(skip.bias) if skip is not None else None,
+        p.dilation, dev == "cpu", cast(x), cast(c) if has_cond else None, cast(p.conv_w), cast(p.conv_b),
+        cast(p.cond_w) if has_cond else None, cast(p.res_w), cast(p.res_b), cast(p.skip_w), cast(p.skip_b),
     )
-    out = outs[0] if res is not None else x
-    return out, (outs[-1] if skip is not None else None)
+    out = outs[0] if p.res_w is not None else x
+    return out, (outs[-1] if p.skip_w is not None else None)

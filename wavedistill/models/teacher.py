@@ -90,9 +90,9 @@ class Teacher(nn.Module):
         (:mod:`wavedistill.kernels.ar_triton`) for a float32 CUDA teacher unless
         ``WAVEDISTILL_KERNELS=reference``, the C++ one (:mod:`wavedistill.fastgen`) for a float32 CPU
         teacher — else the Python one; ``True`` requires it; ``False`` forces Python
-        (see :func:`wavedistill.fastgen.make_generator`).
+        (see :func:`wavedistill.generation.select.make_generator`).
         """
-        from ..generation.cpp import make_generator
+        from ..generation.select import make_generator
         from ..generation.cached import FrameConditioning
 
         c = FrameConditioning.from_mel(self.cond, mel, speaker)  # projected per layer at frame rate, then upsampled

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,64 @@ from torch import nn
 from .. import kernels
 
 SQRT_HALF = math.sqrt(0.5)
+
+
+@dataclass(frozen=True)
+class ResidualParams:
+    """A residual layer's parameters by name (the tensors themselves: autograd flows through them).
+
+    Convolution layouts: ``conv_w [G, R, k]`` (tap ``j`` multiplies ``x[t-(k-1-j)·d]``), ``conv_b [G]``,
+    ``cond_w [G, C, 1]`` or None, ``res_w [R, G/2, 1]``/``res_b`` (None in a skip stack's last layer),
+    ``skip_w [S, G/2, 1]``/``skip_b`` (None without skips).
+    """
+
+    dilation: int
+    conv_w: torch.Tensor
+    conv_b: torch.Tensor
+    cond_w: torch.Tensor | None
+    res_w: torch.Tensor | None
+    res_b: torch.Tensor | None
+    skip_w: torch.Tensor | None
+    skip_b: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class StepLayer:
+    """One layer linearised for step-by-step generation (detached, ``[in, out]`` matrices).
+
+    ``w_taps [k·R, G]`` multiplies the stacked taps ``[x_{t-(k-1)d}; …; x_t]``; ``w_out [G/2, R+S]`` and
+    ``b_out`` give ``[residual | skip]`` with the residual path already scaled by √½ (zero for a layer
+    whose residual output is never read).
+    """
+
+    dilation: int
+    w_taps: torch.Tensor
+    b_conv: torch.Tensor
+    w_out: torch.Tensor
+    b_out: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StepWeights:
+    """A WaveNet's weights by name in the layout every step-by-step generator reads (Python, C++, Triton)."""
+
+    kernel_size: int
+    residual: int
+    gate: int
+    skip: int
+    skip_scale: float
+    w_in: torch.Tensor  # [R]
+    b_in: torch.Tensor  # [R]
+    layers: list  # [StepLayer]
+    w_cond: torch.Tensor  # [L·G, C]: all layers' conditioning projections stacked
+    h1w: torch.Tensor  # [S, S] (in, out)
+    h1b: torch.Tensor
+    h2w: torch.Tensor  # [S, P]
+    h2b: torch.Tensor
+
+    @property
+    def dilations(self) -> list[int]:
+        return [layer.dilation for layer in self.layers]
 
 
 class ResidualLayer(nn.Module):
@@ -39,6 +98,15 @@ class ResidualLayer(nn.Module):
     @property
     def padding(self) -> int:
         return (self.kernel_size - 1) * self.dilation
+
+    def params(self) -> ResidualParams:
+        """This layer's parameters by name (read by the fused kernels and the weight export)."""
+        res, skip, cond = self.res, self.skip, self.cond
+        return ResidualParams(
+            self.dilation, self.conv.weight, self.conv.bias, cond.weight if cond is not None else None,
+            res.weight if res is not None else None, res.bias if res is not None else None,
+            skip.weight if skip is not None else None, skip.bias if skip is not None else None,
+        )
 
     def gate_input(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         h = self.conv(F.pad(x, (self.padding, 0)))
@@ -95,6 +163,31 @@ class WaveNet(nn.Module):
     @property
     def receptive_field(self) -> int:
         return (self.kernel_size - 1) * sum(self.dilations) + 1
+
+    @torch.no_grad()
+    def step_weights(self) -> StepWeights:
+        """The named, detached weight export that every step-by-step generator reads (skip-stack WaveNets)."""
+        k, R = self.kernel_size, self.input.out_channels
+        layers = []
+        for layer in self.layers:
+            p = layer.params()
+            w_taps = torch.cat([p.conv_w[:, :, j].t() for j in range(k)], dim=0).contiguous()  # [k*R, G]
+            if p.res_w is not None:
+                w_res, b_res = p.res_w[:, :, 0].t() * SQRT_HALF, p.res_b * SQRT_HALF
+            else:  # last layer: its residual output is never read
+                w_res = p.skip_w.new_zeros(p.skip_w.shape[1], R)
+                b_res = p.skip_b.new_zeros(R)
+            w_out = torch.cat([w_res, p.skip_w[:, :, 0].t()], dim=1)
+            b_out = torch.cat([b_res, p.skip_b])
+            layers.append(StepLayer(p.dilation, w_taps, p.conv_b.detach(), w_out.detach().contiguous(), b_out.detach()))
+        return StepWeights(
+            kernel_size=k, residual=R, gate=self.layers[0].conv.out_channels, skip=self.skip_channels,
+            skip_scale=math.sqrt(1.0 / len(self.layers)),
+            w_in=self.input.weight[:, 0, 0].detach(), b_in=self.input.bias.detach(), layers=layers,
+            w_cond=torch.cat([layer.params().cond_w[:, :, 0] for layer in self.layers], dim=0).detach(),
+            h1w=self.head1.weight[:, :, 0].detach().t().contiguous(), h1b=self.head1.bias.detach(),
+            h2w=self.head2.weight[:, :, 0].detach().t().contiguous(), h2b=self.head2.bias.detach(),
+        )
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return self.head2(F.relu(self.head1(F.relu(h))))
