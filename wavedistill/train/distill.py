@@ -103,7 +103,7 @@ def _distill(config_path, teacher_path, data, out, overrides=None, max_steps=Non
     train_set = cache.load_split("train")
     valid_set = cache.load_split("valid") or train_set[:2]
     torch.manual_seed(tc.seed)
-    student = Student(cfg.student, cfg.features.n_mels)
+    student = Student(cfg.student, cfg.features.n_mels, cfg.features)
     apply_init_from(acc, student, tc, ckpt, "student", cfg.features)
     student.cond.set_stats(*cache.mel_stats())
     ema = EMA(student, tc.ema_decay)
@@ -118,7 +118,7 @@ def _distill(config_path, teacher_path, data, out, overrides=None, max_steps=Non
     context = max(raw.cond.frame_context, teacher.cond.frame_context)
     sampler = SegmentSampler(train_set, tc.segment_samples, raw.hop, context, tc.seed)
     loss_fn = DistillationLoss(dc, teacher, student)
-    eval_student = Student(cfg.student, cfg.features.n_mels).to(acc.device)
+    eval_student = Student(cfg.student, cfg.features.n_mels, cfg.features).to(acc.device)
     eval_loss = DistillationLoss(dc, teacher, eval_student)
     mel_fn = MelExtractor(cfg.features).to(acc.device)
 

@@ -80,7 +80,7 @@ def _train_teacher(config_path, data, out, overrides=None, max_steps=None, resum
     rank, world = acc.process_index, acc.num_processes
     impl = kernels.configure(tc.kernels, acc.device)  # residual layers: fused Triton or reference
     torch.manual_seed(tc.seed)
-    model = Teacher(cfg.teacher, cfg.features.n_mels)
+    model = Teacher(cfg.teacher, cfg.features.n_mels, cfg.features)
     apply_init_from(acc, model, tc, ckpt, "teacher", cfg.features)
     mean, std = cache.mel_stats()
     model.cond.set_stats(mean, std)
@@ -95,7 +95,7 @@ def _train_teacher(config_path, data, out, overrides=None, max_steps=None, resum
     raw = acc.unwrap_model(model)
     context = raw.cond.frame_context
     sampler = SegmentSampler(train_set, tc.segment_samples, raw.hop, context, tc.seed)
-    eval_model = Teacher(cfg.teacher, cfg.features.n_mels).to(acc.device)
+    eval_model = Teacher(cfg.teacher, cfg.features.n_mels, cfg.features).to(acc.device)
 
     if acc.is_main_process:
         acc.init_trackers("teacher")
