@@ -202,10 +202,10 @@ def build_model(cfg: dict):
     if cfg["kind"] == "teacher":
         from .models.teacher import Teacher
 
-        return Teacher(model_cfg, features.n_mels), features
+        return Teacher(model_cfg, features.n_mels, features), features
     from .models.student import Student
 
-    return Student(model_cfg, features.n_mels), features
+    return Student(model_cfg, features.n_mels, features), features
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

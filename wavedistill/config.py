@@ -81,9 +81,14 @@ class TeacherConfig:
     mixtures: int = 10
     # log-scale floor: None = -16 for the mixture of logistics, -9 for the Gaussian (REFERENCE.md §3-4)
     log_scale_min: Optional[float] = None
+    # Source-filter structure (REFERENCE.md §7; 0 disables): the output location is shifted by the
+    # deterministic prediction from x_<t (pre-emphasis α·x_{t-1} and/or order-p LP from the mel).
+    preemphasis: float = 0.0
+    lpc_order: int = 0
 
     def validate(self, features: FeatureConfig | None = None) -> None:
         _positive(self, "layers", "stacks", "residual_channels", "gate_channels", "skip_channels", "cond_channels", "mixtures")
+        _check_source_filter(self, "teacher", features)
         if self.kernel_size not in (2, 3):
             raise UserError(f"teacher.kernel_size={self.kernel_size} is not supported; use 2 or 3")
         if self.layers % self.stacks:
@@ -111,9 +116,14 @@ class StudentConfig:
     distribution: Literal["logistic", "gaussian"] = "logistic"
     log_scale_bound: float = 7.0
     init_log_scale: float = -3.0
+    # Source-filter structure (0 disables): the IAFs make an excitation, LP synthesis of order lpc_order
+    # (coefficients from the mel) and de-emphasis by preemphasis turn it into the waveform.
+    preemphasis: float = 0.0
+    lpc_order: int = 0
 
     def validate(self, features: FeatureConfig | None = None) -> None:
         _positive(self, "residual_channels", "gate_channels", "cond_channels", "log_scale_bound")
+        _check_source_filter(self, "student", features)
         if not self.flow_layers or any(n <= 0 for n in self.flow_layers):
             raise UserError(f"student.flow_layers {self.flow_layers} must be a non-empty list of positive layer counts")
         if len(self.stacks_per_flow) != len(self.flow_layers):
@@ -265,6 +275,15 @@ def auto_upsample_scales(hop: int) -> list[int]:
         else:
             scales.append(q)
     return sorted(s for s in scales if s > 1) or [1]
+
+
+def _check_source_filter(cfg, name: str, features: FeatureConfig | None) -> None:
+    if not (isinstance(cfg.preemphasis, (int, float)) and 0.0 <= cfg.preemphasis < 1.0):
+        raise UserError(f"{name}.preemphasis={cfg.preemphasis!r} must be a number in [0, 1) (0 disables)")
+    if not isinstance(cfg.lpc_order, int) or isinstance(cfg.lpc_order, bool) or not 0 <= cfg.lpc_order <= 64:
+        raise UserError(f"{name}.lpc_order={cfg.lpc_order!r} must be an integer in [0, 64] (0 disables)")
+    if features is not None and cfg.lpc_order >= features.n_fft // 2:
+        raise UserError(f"{name}.lpc_order={cfg.lpc_order} must be below features.n_fft/2 ({features.n_fft // 2})")
 
 
 def _check_scales(section: Any, name: str, features: "FeatureConfig | None") -> None:

@@ -1,6 +1,7 @@
 """wavedistill's flow library: one contract (:mod:`.base`) and one module per family."""
 
 from .autoregressive import IAFLayer
+from .linear_prediction import Deemphasis, LPCoefficients, LPSynthesis, SourceFilterContext, lp_prediction
 from .base import (
     AffineAutoregressive,
     AffineFlow,
@@ -16,4 +17,5 @@ from .base import (
 __all__ = [
     "AffineAutoregressive", "AffineFlow", "Flow", "FlowSequence", "IAFLayer", "InverseFlow", "InverseNotAvailable",
     "affine_map", "soft_bound", "upcast",
+    "Deemphasis", "LPCoefficients", "LPSynthesis", "SourceFilterContext", "lp_prediction",
 ]

@@ -39,12 +39,12 @@ class IAFLayer(AffineAutoregressive):
         return h[:, 0], soft_bound(h[:, 1], self.bound)
 
     def affine(self, z, context=None):
-        mu, log_s = self.shift_log_scale(z, context)
+        mu, log_s = self.shift_log_scale(z, _cond(context))
         return affine_map(z, mu, log_s), mu, log_s
 
     def inverse(self, x, context=None):
         """Sequential inverse: ``z_t = (x_t - μ_t(z_<t)) / s_t(z_<t)``, one step at a time."""
-        c = context
+        c = _cond(context)
         B, T = x.shape
         z = torch.zeros_like(x)
         ladj = torch.zeros(B, dtype=upcast(x).dtype, device=x.device)
@@ -56,3 +56,9 @@ class IAFLayer(AffineAutoregressive):
             z[:, t] = ((x[:, t] - mu[:, -1]) * torch.exp(-log_s[:, -1])).to(z.dtype)
             ladj = ladj - log_s[:, -1]
         return z, ladj
+
+
+def _cond(context):
+    """The conditioning tensor: ``context`` itself, or ``context.cond`` for a composite context
+    (:class:`~wavedistill.flows.linear_prediction.SourceFilterContext`)."""
+    return getattr(context, "cond", context)

@@ -167,6 +167,7 @@ class GenerationCache:
     buffers: list[torch.Tensor] = field(default_factory=list)
     t: int = 0
     x_prev: torch.Tensor | None = None  # the last generated sample (input of the next step)
+    lp_history: torch.Tensor | None = None  # [B, order]: the last samples, most recent first (source-filter teachers)
 
     @classmethod
     def empty(cls, sizes: list[int], batch: int, channels: int, dtype, device) -> "GenerationCache":
@@ -177,6 +178,7 @@ class GenerationCache:
             b.zero_()
         self.t = 0
         self.x_prev = None
+        self.lp_history = None
 
 
 class CachedGenerator:
@@ -237,21 +239,35 @@ class CachedGenerator:
 
     @torch.no_grad()
     def run(self, c, noise: torch.Tensor, temperature: float = 1.0, cache: GenerationCache | None = None,
-            progress=None) -> torch.Tensor:
+            progress=None, lpc=None) -> torch.Tensor:
         """Conditioning ``c`` (:class:`FrameConditioning`, or upsampled ``[B, C, T]``) and uniform
-        ``noise [B, n_noise, T]`` → samples ``[B, T]``; ``cache`` carries over between calls."""
+        ``noise [B, n_noise, T]`` → samples ``[B, T]``; ``cache`` carries over between calls.
+
+        ``lpc`` (:class:`~wavedistill.flows.LPCoefficients` of this window, source-filter teachers): the
+        location of every step is shifted by ``Σ_k a_k(t)·x_{t-1-k}`` over the generated history (kept in
+        ``cache.lp_history``, so chunks continue seamlessly)."""
         B, _, T = c.shape
         cache = cache or self.new_cache(B)
         out = torch.zeros(B, T, dtype=self.dtype, device=self.device)
         x_prev = cache.x_prev if cache.x_prev is not None else torch.zeros(B, dtype=self.dtype, device=self.device)
+        hist = None
+        if lpc is not None:
+            p = lpc.order
+            hist = cache.lp_history if cache.lp_history is not None else torch.zeros(B, p, dtype=torch.float32, device=self.device)
         for start in range(0, T, self.block):
             stop = min(T, start + self.block)
             cb = self.cond_block(c, start, stop)
+            coef = lpc.shifted(start).per_sample(stop - start, B, torch.float32) if lpc is not None else None
             for t in range(start, stop):
-                params = self.step(x_prev, cb[t - start], cache)
-                x_prev = self.dist.sample(params[:, :, None], noise[:, :, t : t + 1], temperature)[:, 0]
+                params = self.step(x_prev, cb[t - start], cache)[:, :, None]
+                if coef is not None:
+                    params = self.dist.shift(params, (coef[:, t - start] * hist).sum(1, keepdim=True))
+                x_prev = self.dist.sample(params, noise[:, :, t : t + 1], temperature)[:, 0]
+                if hist is not None:
+                    hist = torch.cat([x_prev[:, None].float(), hist[:, :-1]], dim=1)
                 out[:, t] = x_prev
             if progress is not None:
                 progress(stop - start)
         cache.x_prev = x_prev
+        cache.lp_history = hist
         return out

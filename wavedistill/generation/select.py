@@ -39,6 +39,10 @@ def make_generator(teacher, fast: bool | None = None, threads: int = 1):
     """
     if fast is False:
         return CachedGenerator(teacher)
+    if getattr(teacher, "source", None) is not None:  # LP / pre-emphasis: only the Python generator adds the prediction
+        if fast:
+            raise ValueError("fast generation is unavailable: the teacher uses linear prediction or pre-emphasis")
+        return CachedGenerator(teacher)
 
     mode = kernels.get_mode()
     if mode == "triton" or next(teacher.parameters()).device.type == "cuda":

@@ -228,6 +228,7 @@ class Vocoder:
         model, hop = self.model, self.hop
         n_max = max(frames)
         outs: list[list[torch.Tensor]] = [[] for _ in mels]
+        states: dict[int, tuple] = {}  # source-filter students: each item's filter state where its last chunk ended
         for s in range(0, n_max, chunk):
             e = min(s + chunk, n_max)
             a = max(0, s - self.left_frames)  # first frame computed; [a, s) is history, discarded
@@ -240,7 +241,14 @@ class Vocoder:
                 z = _row(lambda n: model.make_noise(n, (e_i - a) * hop, seed, self.device, offset=a * hop), rows[i])
                 zs.append(F.pad(z, (0, length - z.shape[0])))
             z = torch.stack(zs) * temperature
-            x, _, _ = model.transform(z, torch.stack(cs))
+            if model.source is not None:  # the LP/de-emphasis recurrences carry their state from chunk to chunk
+                ends = [min(e, frames[i]) for i in active]
+                x, new = model.transform_chunk(z, torch.stack(cs), [mels[i][:, s : min(e_i + 1, frames[i])] for i, e_i in zip(active, ends)],
+                                               (s - a) * hop, [(e_i - s) * hop for e_i in ends], [states[i] for i in active] if s else None)
+                states.update(zip(active, new))
+                x = torch.nn.functional.pad(x, ((s - a) * hop, 0))  # keep the layout of the plain path below
+            else:
+                x, _, _ = model.transform(z, torch.stack(cs))
             x = x.clamp(-1.0, 1.0)
             done = 0
             for k, i in enumerate(active):
@@ -279,7 +287,12 @@ class Vocoder:
                 if f > s:
                     e_i = min(e, f)
                     c[i, :, : (e_i - s) * hop] = self._cond_window(mels[i], s, e_i, speaker)
-            outs.append(gen.run(c, noise[:, :, s * hop : e * hop], temperature, cache, progress=advance))
+            if model.source is None:
+                outs.append(gen.run(c, noise[:, :, s * hop : e * hop], temperature, cache, progress=advance))
+            else:  # source-filter teacher: the predictor of each item's frames (the last one repeated past its end)
+                if s == 0:
+                    lp = model.source.predictor(torch.stack([F.pad(m[None], (0, n_max - m.shape[1]), mode="replicate")[0] for m in mels]))
+                outs.append(gen.run(c, noise[:, :, s * hop : e * hop], temperature, cache, progress=advance, lpc=lp.shifted(s * hop)))
         out = torch.cat(outs, dim=1)
         return [out[i, : f * hop] for i, f in enumerate(frames)]
 

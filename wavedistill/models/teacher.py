@@ -5,6 +5,14 @@
 ``teacher.generate(mel)`` samples autoregressively with per-layer ring-buffer
 queues (:mod:`wavedistill.generation`); ``teacher.generate_naive(mel)``
 recomputes the receptive field at every step and is kept as the reference.
+
+Source-filter structure (``lpc_order``/``preemphasis`` > 0, REFERENCE.md §7): the output distribution's
+location is shifted by the deterministic prediction ``x̂_t = Σ_k b_k(t)·x_{t-1-k}`` of the combined
+pre-emphasis + LP predictor from the mel (:class:`~wavedistill.models.source_filter.SourceFilter`), computed
+from the teacher-forced input, so ``log_prob`` stays one parallel pass.  The network still reads ``x`` (not the
+pre-emphasised signal) and is scored on ``x``'s 16-bit codes: with unit Jacobian the shifted distribution is
+exactly the excitation's distribution moved to ``x``'s grid, so the discrete NLL is an honest NLL of ``x`` and
+bits/sample compare with a plain teacher's.  Generation adds the prediction from its own history.
 """
 
 from __future__ import annotations
@@ -15,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TeacherConfig
+from ..config import FeatureConfig, TeacherConfig
+from ..flows import lp_prediction
+from .source_filter import make_source_filter
 from ..nn.distributions import make_distribution, quantize
 from ..nn.wavenet import ConditionNet, WaveNet
 
@@ -23,7 +33,7 @@ from ..nn.wavenet import ConditionNet, WaveNet
 class Teacher(nn.Module):
     kind = "teacher"
 
-    def __init__(self, cfg: TeacherConfig, n_mels: int):
+    def __init__(self, cfg: TeacherConfig, n_mels: int, features: FeatureConfig | None = None):
         super().__init__()
         self.cfg = dataclasses.replace(cfg)
         self.n_mels = n_mels
@@ -33,6 +43,7 @@ class Teacher(nn.Module):
             1, self.dist.n_params, cfg.layers, cfg.stacks, cfg.kernel_size, cfg.residual_channels,
             cfg.gate_channels, cfg.skip_channels, cfg.cond_channels,
         )
+        self.source = make_source_filter(cfg, features)  # None unless lpc_order/preemphasis; no parameters
 
     # ------------------------------------------------------------------ parallel
     @property
@@ -56,7 +67,16 @@ class Teacher(nn.Module):
         c = self.condition(mel, speaker)
         if context:
             c = c[:, :, context * self.hop : context * self.hop + audio.shape[1]]
-        return self.params_from_cond(audio, c)
+        params = self.params_from_cond(audio, c)
+        if self.source is not None:
+            params = self.dist.shift(params, self.prediction(audio, mel, context))
+        return params
+
+    def prediction(self, audio: torch.Tensor, mel: torch.Tensor, context: int = 0) -> torch.Tensor:
+        """Source-filter prediction ``x̂_t`` from ``audio``'s past ``[B, T]`` (float32; zeros before ``t = 0``)."""
+        x = audio.float() if audio.dtype != torch.float64 else audio
+        lp = self.source.predictor(mel, context, x.dtype)
+        return lp_prediction(x, lp.a, lp.hop, lp.start)
 
     def log_prob(self, audio: torch.Tensor, mel: torch.Tensor, speaker: torch.Tensor | None = None) -> torch.Tensor:
         """Discretized 16-bit log-likelihood per sample ``[B, T]`` (nats), in one parallel pass."""
@@ -98,7 +118,10 @@ class Teacher(nn.Module):
         c = FrameConditioning.from_mel(self.cond, mel, speaker)  # projected per layer at frame rate, then upsampled
         if noise is None:
             noise = self.make_noise(c.shape[0], c.shape[2], seed, c.device, c.dtype)
-        return make_generator(self, fast=fast).run(c, noise, temperature=temperature, progress=progress)
+        gen = make_generator(self, fast=fast)
+        if self.source is None:
+            return gen.run(c, noise, temperature=temperature, progress=progress)
+        return gen.run(c, noise, temperature=temperature, progress=progress, lpc=self.source.predictor(mel))
 
     @torch.no_grad()
     def generate_naive(self, mel: torch.Tensor, *, noise: torch.Tensor | None = None, seed: int | None = None,
@@ -111,9 +134,13 @@ class Teacher(nn.Module):
         rf = self.receptive_field
         x_in = torch.zeros(B, 1, T + 1, dtype=c.dtype, device=c.device)  # x_in[:, :, t] = x[t-1]
         out = torch.zeros(B, T, dtype=c.dtype, device=c.device)
+        coef = self.source.predictor(mel).per_sample(T, B, torch.float32) if self.source is not None else None
         for t in range(T):
             lo = max(0, t + 1 - rf)
             params = self.net(x_in[:, :, lo : t + 1], c[:, :, lo : t + 1])[:, :, -1:]
+            if coef is not None:  # x̂_t = Σ_k b_k x_{t-1-k} from the samples generated so far
+                past = out[:, max(0, t - coef.shape[2]) : t].flip(1).float()
+                params = self.dist.shift(params, (coef[:, t, : past.shape[1]] * past).sum(1, keepdim=True))
             x_t = self.dist.sample(params, noise[:, :, t : t + 1], temperature)[:, 0]
             out[:, t] = x_t
             x_in[:, 0, t + 1] = x_t

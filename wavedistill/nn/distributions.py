@@ -62,6 +62,11 @@ class DiscretizedMixtureOfLogistics:
     def n_noise(self) -> int:
         return self.k + 1
 
+    def shift(self, params: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Params with every component's location moved by ``delta [B, T]`` (float32 out)."""
+        logits, means, log_scales = _float(params).split(self.k, dim=1)
+        return torch.cat([logits, means + _float(delta)[:, None], log_scales], dim=1)
+
     def split(self, params: torch.Tensor):
         params = _float(params)
         logits, means, log_scales = params.split(self.k, dim=1)
@@ -119,6 +124,11 @@ class DiscretizedGaussian:
 
     n_params = 2
     n_noise = 1
+
+    def shift(self, params: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Params with the mean moved by ``delta [B, T]`` (float32 out)."""
+        params = _float(params)
+        return torch.cat([params[:, :1] + _float(delta)[:, None], params[:, 1:]], dim=1)
 
     def split(self, params: torch.Tensor):
         params = _float(params)

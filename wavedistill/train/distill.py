@@ -79,7 +79,7 @@ class DistillObjective(Objective):
             raise UserError(f"distill.loss=parallel_wavenet needs a mixture-of-logistics teacher, but {path} outputs '{teacher.cfg.output}'")
 
     def build_model(self) -> Student:
-        return Student(self.cfg.student, self.cfg.features.n_mels)
+        return Student(self.cfg.student, self.cfg.features.n_mels, self.cfg.features)
 
     def attach(self, acc, model, raw) -> int:
         self.raw, self.device = raw, acc.device

@@ -49,7 +49,7 @@ class TeacherObjective(Objective):
         return self.cfg.teacher
 
     def build_model(self) -> Teacher:
-        return Teacher(self.cfg.teacher, self.cfg.features.n_mels)
+        return Teacher(self.cfg.teacher, self.cfg.features.n_mels, self.cfg.features)
 
     def attach(self, acc, model, raw) -> int:
         self.raw, self.device = raw, acc.device
