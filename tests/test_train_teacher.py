@@ -322,3 +322,22 @@ def test_init_from_missing_checkpoint_is_one_line(corpus, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         train_teacher(conf, data, tmp_path / "x", overrides=[f"train.init_from={tmp_path / 'nope'}"], max_steps=1)
     assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_cpu_budget_stops_on_a_validated_checkpoint_and_counts_across_resume(corpus, tmp_path):
+    """train.max_cpu_seconds: the run stops once its CPU time (summed over resumes) reaches the budget."""
+    conf, data = corpus
+    exp = tmp_path / "budget"
+    r = train_teacher(conf, data, exp, max_steps=50, overrides=["train.max_cpu_seconds=0.000001"])
+    assert r["step"] == 1  # the first step already spends more than a microsecond
+    assert os.readlink(exp / "checkpoints" / "latest") == "step-00000001"
+    valid = [h for h in r["history"] if "valid_bits" in h]
+    assert [h["step"] for h in valid] == [1] and valid[0]["cpu_hours"] > 0
+    # resuming with the same budget: the spent time was saved, so one more step and stop again
+    r2 = train_teacher(conf, data, exp, max_steps=50, overrides=["train.max_cpu_seconds=0.000001"], resume=True)
+    assert r2["step"] == 2
+    # without the budget the run goes on to max_steps
+    r3 = train_teacher(conf, data, exp, max_steps=4, resume=True)
+    assert r3["step"] == 4
+    with pytest.raises(UserError, match="max_cpu_seconds"):
+        train_teacher(conf, data, tmp_path / "bad", max_steps=2, overrides=["train.max_cpu_seconds=-1"])

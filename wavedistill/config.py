@@ -153,6 +153,9 @@ class TrainConfig:
     ema_decay: float = 0.999
     grad_accum: int = 1
     max_steps: int = 100000
+    # stop (with a checkpoint) once the run has used this many CPU-seconds in total, across resumes;
+    # 0 = no limit.  For ablations at equal CPU time.
+    max_cpu_seconds: float = 0.0
     mixed_precision: Literal["no", "bf16"] = "no"
     # residual layers: fused Triton kernels on CUDA when available (auto), or forced (see wavedistill.kernels)
     kernels: Literal["auto", "reference", "triton"] = "auto"
@@ -180,6 +183,8 @@ class TrainConfig:
             raise UserError(f"train.ema_decay={self.ema_decay} must be in [0, 1)")
         if self.warmup_steps < 0 or self.decay_steps < 0:
             raise UserError("train.warmup_steps and train.decay_steps must be >= 0")
+        if not (self.max_cpu_seconds >= 0 and math.isfinite(self.max_cpu_seconds)):
+            raise UserError(f"train.max_cpu_seconds={self.max_cpu_seconds} must be a finite number >= 0 (0 = no limit)")
 
 
 @dataclass

@@ -160,6 +160,15 @@ def _run(obj: Objective, data, out, resume, max_steps) -> dict:
     def save_now(is_best: bool) -> None:
         save(acc, exp, obj.kind, cfg, obj.model_config(), model, ema, opt, sched, run, is_best, extra=obj.checkpoint_extra())
 
+    def validate_now() -> dict:
+        ema.copy_to(eval_model)
+        valid = obj.validate(eval_model, valid_set)
+        acc.log({f"valid/{key}": v for key, v in valid.items()}, step=run.step)
+        if acc.is_main_process:
+            tqdm.write(obj.valid_line(run.step, valid))
+        history.append({"step": run.step, **obj.history("valid", valid), "cpu_hours": run.cpu_seconds / 3600})
+        return valid
+
     if acc.is_main_process:
         exp.mkdir(parents=True, exist_ok=True)
         acc.init_trackers(obj.kind)  # TensorBoard under logs/<kind>
@@ -167,7 +176,7 @@ def _run(obj: Objective, data, out, resume, max_steps) -> dict:
     writer = acc.get_tracker("tensorboard", unwrap=True) if acc.is_main_process else None
     bar = tqdm(total=tc.max_steps, initial=run.step, disable=not acc.is_main_process, desc=obj.desc, dynamic_ncols=True)
     meter, history, sums, last_valid = Throughput(), [], {}, None
-    t_start, samples_seen = time.perf_counter(), 0
+    t_start, samples_seen, cpu_mark = time.perf_counter(), 0, time.process_time()
     while run.step < tc.max_steps:
         opt.zero_grad(set_to_none=True)
         ok, step_terms = True, {}
@@ -191,6 +200,8 @@ def _run(obj: Objective, data, out, resume, max_steps) -> dict:
             continue
         opt.step()
         sched.step()
+        now = time.process_time()
+        run.cpu_seconds, cpu_mark = run.cpu_seconds + now - cpu_mark, now
         run.step += 1
         run.bad_steps_in_row = 0
         ema.update(raw, run.step)
@@ -204,28 +215,32 @@ def _run(obj: Objective, data, out, resume, max_steps) -> dict:
             rate, lr = meter.rate(), sched.get_last_lr()[0]
             avg, sums = {key: v / tc.log_every for key, v in sums.items()}, {}
             acc.log({**{f"train/{key}": v for key, v in avg.items()}, "train/lr": lr, "train/grad_norm": float(gnorm),
-                     "train/samples_per_s": rate, "train/bad_steps": run.bad_steps_total}, step=run.step)
+                     "train/samples_per_s": rate, "train/bad_steps": run.bad_steps_total,
+                     "train/cpu_hours": run.cpu_seconds / 3600}, step=run.step)
             bar.set_postfix(**obj.postfix(avg))
             if acc.is_main_process:
                 tqdm.write(obj.log_line(run.step, avg, float(gnorm), rate, lr))
-            history.append({"step": run.step, **obj.history("train", avg), "samples_per_s": rate})
+            history.append({"step": run.step, **obj.history("train", avg), "samples_per_s": rate,
+                            "cpu_hours": run.cpu_seconds / 3600})
         if run.step % tc.valid_every == 0 or run.step == tc.max_steps:
-            ema.copy_to(eval_model)
-            last_valid = obj.validate(eval_model, valid_set)
-            acc.log({f"valid/{key}": v for key, v in last_valid.items()}, step=run.step)
-            if acc.is_main_process:
-                tqdm.write(obj.valid_line(run.step, last_valid))
-            history.append({"step": run.step, **obj.history("valid", last_valid)})
+            last_valid = validate_now()
         if run.step % tc.sample_every == 0 and writer is not None:
             ema.copy_to(eval_model)
             obj.log_sample(eval_model, valid_set, writer, run.step, exp)
-        if run.step % tc.save_every == 0 or run.step == tc.max_steps:
+        out_of_cpu = tc.max_cpu_seconds > 0 and run.cpu_seconds >= tc.max_cpu_seconds
+        if out_of_cpu and run.step % tc.valid_every != 0 and run.step != tc.max_steps:  # end on a validated, saved step
+            last_valid = validate_now()
+        if run.step % tc.save_every == 0 or run.step == tc.max_steps or out_of_cpu:
             score = None if last_valid is None else obj.score(last_valid)
             is_best = score is not None and score < run.best_valid
             if is_best:
                 run.best_valid = score
             acc.wait_for_everyone()
             save_now(is_best)
+        if out_of_cpu:
+            if acc.is_main_process:
+                tqdm.write(f"train.max_cpu_seconds={tc.max_cpu_seconds:g} reached at step {run.step}")
+            break
     bar.close()
     acc.end_training()
     if acc.is_main_process:

@@ -147,12 +147,14 @@ class RunState:
         self.bad_steps_in_row = 0
         self.best_valid = float("inf")
         self.last_good = None
+        self.cpu_seconds = 0.0  # process CPU time spent training, summed over resumes
 
     def to_dict(self) -> dict:
         return {
             "bad_steps_total": self.bad_steps_total,
             "bad_steps_in_row": self.bad_steps_in_row,
             "best_valid": self.best_valid if math.isfinite(self.best_valid) else None,
+            "cpu_seconds": self.cpu_seconds,
         }
 
     def load(self, d: dict) -> None:
@@ -161,6 +163,7 @@ class RunState:
         self.bad_steps_in_row = int(d.get("bad_steps_in_row", 0))
         bv = d.get("best_valid")
         self.best_valid = float(bv) if bv is not None else float("inf")
+        self.cpu_seconds = float(d.get("cpu_seconds", 0.0))
 
 
 def make_accelerator(train: TrainConfig, exp_dir: Path):
