@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from wavedistill import fastgen  # noqa: E402
+from wavedistill.generation import cpp as fastgen  # noqa: E402
 from wavedistill.config import TeacherConfig  # noqa: E402
 from wavedistill.generation.cached import CachedGenerator  # noqa: E402
 from wavedistill.models.teacher import Teacher  # noqa: E402

@@ -1,6 +1,6 @@
 """wavedistill: probability density distillation of neural vocoders."""
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401  (re-exported)
 
 
 def load(checkpoint, device="cpu"):

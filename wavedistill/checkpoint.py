@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import yaml
 
-from . import __version__
+from .version import __version__
 from .config import FeatureConfig, StudentConfig, TeacherConfig, section_from_dict
 from .errors import UserError
 from .fileio import atomic_directory, atomic_symlink, describe_os_error, load_tensors, tensors_to_bytes

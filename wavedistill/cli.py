@@ -51,7 +51,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wavedistill", description="Probability density distillation of neural vocoders.")
-    from . import __version__
+    from .version import __version__
 
     p.add_argument("--version", action="version", version=f"wavedistill {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .. import __version__
+from ..version import __version__
 from .audio import AudioError, MelExtractor, load_audio, trim_silence
 from ..config import Config, FeatureConfig
 from ..errors import UserError

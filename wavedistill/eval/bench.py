@@ -385,7 +385,7 @@ def run_bench(checkpoints: list[str], device: str = "cpu", seconds: float = 1.0,
               json_path: str | Path | None = None, plot_path: str | Path | None = None, threads: int | None = None,
               griffin_lim: bool = True) -> dict:
     """Benchmark every checkpoint (and Griffin-Lim); print a table; optionally write JSON and a PNG plot."""
-    from .. import __version__
+    from ..version import __version__
     from ..inference.synthesis import Vocoder
 
     if not checkpoints:

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
+from ..version import __version__
 from ..data.audio import MelExtractor, write_wav
 from ..config import FeatureConfig
 from ..data.cache import FeatureCache
