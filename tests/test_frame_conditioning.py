@@ -131,7 +131,7 @@ def test_cpp_rejects_strided_projections():
     proj = torch.zeros(4, 1, 200)  # [T, B, L*G] but channels not contiguous
     rc = gen._lib.fg_run(gen.weights.data_ptr(), gen.cfg_given.data_ptr(), torch.zeros(4, dtype=torch.int64).data_ptr(),
                          1, 1, 0, proj.data_ptr(), 0, 2, 1, proj.data_ptr(), 0, 0, 0, proj.data_ptr(), proj.data_ptr(),
-                         0, 1, 1.0, -9.0, 1.0, 0.7, 1, 1, None)
+                         0, 1, 1.0, -9.0, 1.0, 0.7, 1, 1, None, None, 0, 0, 0, None)  # no params, no LP
     assert rc == -4
 
 

@@ -37,6 +37,12 @@ disable it.  :func:`available` says whether it can be used; when it cannot,
 :func:`build_error` says why and :class:`FastCachedGenerator` raises
 :class:`FastGenUnavailable`.
 
+Source-filter teachers (linear prediction / pre-emphasis, ``teacher.source``): :meth:`FastCachedGenerator.run`
+takes the window's :class:`~wavedistill.flows.LPCoefficients` as ``lpc=`` like the Python generator, hands
+the extension the predictor of every step (``LPCoefficients.per_sample``, one block at a time, so the frame
+convention lives in one place) and the last ``p`` samples of every row, and the extension adds the
+prediction to the locations before sampling; the history is carried in ``cache.lp_history``.
+
 Only float32 teachers on the CPU are supported (the Python generator remains
 the path for other devices and dtypes).
 """
@@ -67,7 +73,7 @@ _SOURCE = Path(__file__).resolve().parent / "csrc" / "fastgen.cpp"
 _CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-pthread"]
 _LDFLAGS = ["-pthread"]
 _PAD = 16  # floats; must equal PAD in fastgen.cpp
-_ABI = 6
+_ABI = 7
 
 _lock = threading.Lock()
 _lib = None
@@ -145,7 +151,7 @@ def _load(verbose: bool = False):
             p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
             lib.fg_run.restype = ctypes.c_int
             lib.fg_run.argtypes = [p, p, p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, i64, p, p, i64, i64,
-                                   f32, f32, f32, f32, i64, i64, p]
+                                   f32, f32, f32, f32, i64, i64, p, p, i64, i64, i64, p]
             lib.fg_ndtri.restype, lib.fg_ndtri.argtypes = ctypes.c_double, [ctypes.c_double]
             _lib, _lib_path = lib, str(path)
         except Exception as e:  # no compiler, no ninja, read-only cache, ...: report, never crash the caller
@@ -283,13 +289,18 @@ class FastCachedGenerator:
 
     @torch.no_grad()
     def run(self, c, noise: torch.Tensor, temperature: float = 1.0, cache: GenerationCache | None = None,
-            progress=None, return_params: bool = False):
+            progress=None, lpc=None, return_params: bool = False):
         """Same contract as :meth:`CachedGenerator.run`: conditioning ``c`` (a
         :class:`~wavedistill.generation.FrameConditioning`, or upsampled ``[B, C, T]``: the per-sample
         reference) and uniform ``noise [B, n_noise, T]`` → samples ``[B, T]``.
 
+        ``lpc`` (:class:`~wavedistill.flows.LPCoefficients` of this window, source-filter teachers): every
+        step's location is shifted by ``Σ_k a_k(t)·x_{t-1-k}`` over the generated history, which is kept in
+        ``cache.lp_history`` (``[B, p]`` float32, most recent first), so chunks continue seamlessly.
+
         With ``return_params=True`` also returns the distribution parameters of every step
-        ``[B, P, T]`` (what ``CachedGenerator.step`` returned), for testing.
+        ``[B, P, T]`` (what ``CachedGenerator.step`` returned, shifted by the prediction with ``lpc``),
+        for testing.
         """
         B, C, T = c.shape
         if c.device.type != "cpu":
@@ -321,6 +332,7 @@ class FastCachedGenerator:
         else:
             x_prev = torch.zeros(B, dtype=torch.float32)
         params = torch.empty(T, B, self.dims["P"], dtype=torch.float32) if return_params else None
+        hist = self._lp_history(lpc, cache, B)
         teams = min(self.threads, B)
         team_size = self.threads // teams if self.split_channels else 1
         span = self.block * max(1, -(-PROJECTION_BLOCK // self.block))  # steps per projection block
@@ -338,12 +350,17 @@ class FastCachedGenerator:
                 cb = cf[:, :, start:stop]
                 strides = cb.stride()
             nz = nf[:, :, start:stop]
+            coef = None
+            if lpc is not None:  # [B, n, p]: the predictor of every step of the block, as CachedGenerator.run
+                coef = lpc.shifted(start).per_sample(stop - start, B, torch.float32).contiguous()
             rc = self._lib.fg_run(
                 self.weights.data_ptr(), (self.cfg_given if frame_rate else self.cfg).data_ptr(), bufs.data_ptr(),
                 B, stop - start, cache.t, cb.data_ptr(), *strides, nz.data_ptr(), *nz.stride(), x_prev.data_ptr(),
                 out[:, start:].data_ptr(), T, 1, float(temperature), float(self.dist.log_scale_min),
                 float(self.skip_scale), float(SQRT_HALF), teams, team_size,
                 params[start:].data_ptr() if params is not None else None,
+                coef.data_ptr() if coef is not None else None, *(coef.stride()[:2] if coef is not None else (0, 0)),
+                hist.shape[1] if hist is not None else 0, hist.data_ptr() if hist is not None else None,
             )
             if rc != 0:
                 raise RuntimeError(f"fastgen kernel rejected its configuration (code {rc})")
@@ -351,9 +368,27 @@ class FastCachedGenerator:
             if progress is not None:
                 progress(stop - start)
         cache.x_prev = x_prev
+        cache.lp_history = hist
         if return_params:
             return out, params.permute(1, 2, 0)
         return out
+
+    @staticmethod
+    def _lp_history(lpc, cache: GenerationCache, B: int) -> torch.Tensor | None:
+        """The LP history ``[B, p]`` the extension updates in place (a copy of ``cache.lp_history``, else zeros);
+        ``None`` without ``lpc`` (as the Python generator, which then drops the cache's history)."""
+        if lpc is None:
+            return None
+        if lpc.a.device.type != "cpu":
+            raise ValueError("FastCachedGenerator runs on the CPU; move the LP coefficients to the CPU")
+        p = lpc.order
+        if lpc.a.dim() != 3 or lpc.a.shape[0] not in (1, B):
+            raise ValueError(f"LP coefficients must be [1 or B={B}, frames, p], got {tuple(lpc.a.shape)}")
+        if cache.lp_history is None:
+            return torch.zeros(B, p, dtype=torch.float32)
+        if tuple(cache.lp_history.shape) != (B, p):
+            raise ValueError(f"cache.lp_history is {tuple(cache.lp_history.shape)}, expected [B={B}, p={p}]")
+        return cache.lp_history.detach().to(device="cpu", dtype=torch.float32).contiguous().clone()
 
 
 class _torch_threads:

@@ -5,6 +5,9 @@ Every generator has the :class:`Generator` interface: ``new_cache(batch)`` gives
 ``run(c, noise, temperature, cache, progress)`` generates ``[B, T]`` from conditioning ``c`` (a
 :class:`~wavedistill.generation.cached.FrameConditioning` at frame rate, or upsampled ``[B, C, T]``) and
 uniform noise; a cache carries state from one call to the next, so long inputs generate in chunks.
+Generators for source-filter teachers (``teacher.source``: linear prediction / pre-emphasis) also take
+``lpc=`` (the window's :class:`~wavedistill.flows.LPCoefficients`) and carry ``cache.lp_history``: the
+Python and the C++ generator do; the Triton one does not.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ class Generator(Protocol):
     def new_cache(self, batch: int) -> GenerationCache: ...
 
     def run(self, c, noise: torch.Tensor, temperature: float = 1.0, cache: GenerationCache | None = None,
-            progress=None) -> torch.Tensor: ...
+            progress=None, lpc=None) -> torch.Tensor: ...
 
 
 def make_generator(teacher, fast: bool | None = None, threads: int = 1):
@@ -36,12 +39,23 @@ def make_generator(teacher, fast: bool | None = None, threads: int = 1):
     ``WAVEDISTILL_KERNELS=triton`` (CPU tensors then need ``TRITON_INTERPRET=1``), and
     :class:`FastCachedGenerator` on the CPU otherwise (``threads``: see there).
     ``WAVEDISTILL_KERNELS=reference`` keeps CUDA teachers on the Python generator.
+
+    Source-filter teachers (``teacher.source``: linear prediction / pre-emphasis) never take the Triton
+    path, whatever the kernel mode (the Triton generator does not add the prediction; see
+    :func:`~wavedistill.generation.triton.unsupported_reason`): a float32 CPU teacher gets
+    :class:`FastCachedGenerator`, anything else the Python generator (``fast=None``) or a ``ValueError``
+    saying why (``fast=True``).
     """
     if fast is False:
         return CachedGenerator(teacher)
-    if getattr(teacher, "source", None) is not None:  # LP / pre-emphasis: only the Python generator adds the prediction
+    if getattr(teacher, "source", None) is not None:  # LP / pre-emphasis: the C++ or the Python generator
+        if cpp.supports(teacher):
+            return cpp.FastCachedGenerator(teacher, threads=threads)
         if fast:
-            raise ValueError("fast generation is unavailable: the teacher uses linear prediction or pre-emphasis")
+            p = next(teacher.parameters())
+            why = cpp.build_error() if p.device.type == "cpu" and p.dtype == torch.float32 else f"got {p.dtype} on {p.device}"
+            raise ValueError("fast generation of a teacher with linear prediction / pre-emphasis needs the C++ generator "
+                             f"(a float32 teacher on the CPU; the Triton generator does not add the prediction): {why}")
         return CachedGenerator(teacher)
 
     mode = kernels.get_mode()

@@ -269,6 +269,8 @@ def unsupported_reason(teacher) -> str | None:
         return f"the Triton generator supports kernel sizes 2 and 3, got {teacher.net.kernel_size}"
     if teacher.net.skip_channels <= 0:
         return "the Triton generator needs a skip-stack WaveNet"
+    if getattr(teacher, "source", None) is not None:
+        return "the Triton generator does not add linear prediction / pre-emphasis (the C++ and Python ones do)"
     return None
 
 

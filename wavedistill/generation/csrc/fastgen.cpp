@@ -2,7 +2,7 @@
 //
 // A plain C ABI (loaded with ctypes) so that the build needs no torch or
 // pybind11 headers and compiles in ~2 s.  The Python side
-// (wavedistill/fastgen.py) packs the linearised weights of
+// (wavedistill/generation/cpp.py) packs the linearised weights of
 // wavedistill.generation.CachedGenerator into one float32 buffer.  This file
 // runs, for T steps, the conditioning projections of all layers (as
 // CachedGenerator.cond_block: one matrix product per chunk of CT steps, never
@@ -23,6 +23,11 @@
 //                 or, when cfg C is 0, the projections of all layers already made
 //                 (wavedistill.generation.FrameConditioning): c[b*csb + (l*G + g) + t*cst], csc = 1.
 //   noise         uniform, u[b*nsb + j*nsc + t*nst], j < NN (MoL: K+1, Gaussian: 1).
+//   predictors    (source-filter teachers, optional) a[b*lsb + t*lst + k], k < p: the linear predictor of
+//                 every step (LPCoefficients.per_sample); history h[b*p + k] = x_{t-1-k}, most recent first
+//                 (GenerationCache.lp_history), updated in place.  The prediction Σ_k a_k·h_k is added to
+//                 every location (MoL: each component's mean; Gaussian: the mean) before sampling, as
+//                 CachedGenerator.run does with dist.shift; the history holds the clamped samples.
 //
 // No -ffast-math: tanh/sigmoid use an exp with ~1 ulp error (Cephes
 // polynomials), so the results match torch's to float32 rounding.
@@ -246,7 +251,7 @@ struct Barrier {
   }
 };
 
-// Integer configuration, in the order fastgen.py writes it.
+// Integer configuration, in the order generation/cpp.py writes it.
 enum Cfg {
   C_L, C_K, C_R, C_RP, C_G, C_H, C_HP, C_S, C_SP, C_P, C_PP, C_DIST, C_MIX, C_NN,
   C_OFF_WIN, C_OFF_BIN, C_OFF_H1W, C_OFF_H1B, C_OFF_H2W, C_OFF_H2B,
@@ -275,7 +280,10 @@ struct Ctx {
   float* out;           // out[b*osb + tl*ost]
   int64_t osb, ost;
   float temperature, log_scale_min, skip_scale, sqrt_half;
-  float* params_out;    // [Tb, B, P] or null
+  float* params_out;    // [Tb, B, P] or null (the parameters sampled from: shifted by the prediction)
+  const float* lpc;     // predictors a[b*lsb + tl*lst + k], k < order; null: no linear prediction
+  int64_t lsb, lst, order;
+  float* lp_hist;       // [B, order]: x_{t-1-k} at k, most recent first
 };
 
 struct Team {
@@ -287,13 +295,23 @@ struct Team {
   std::vector<float> cond;   // [CT, nb, LGp] conditioning projections of the chunk
 };
 
-void sample_step(const Ctx& c, const Team& team, int64_t tl, const float* params, int64_t Pp) {
+void sample_step(const Ctx& c, const Team& team, int64_t tl, float* params, int64_t Pp) {
   const int64_t* cfg = c.cfg;
   const int64_t B = c.B, K = cfg[C_MIX], P = cfg[C_P];
   const bool mol = cfg[C_DIST] == 0;
   for (int64_t r = 0; r < team.nb; ++r) {
     const int64_t b = team.b0 + r;
-    const float* pr = params + r * Pp;
+    float* pr = params + r * Pp;
+    float* hist = c.lpc ? c.lp_hist + b * c.order : nullptr;
+    if (c.lpc) {  // the location shift x̂_t = Σ_k a_k(t)·x_{t-1-k} (dist.shift)
+      const float* a = c.lpc + b * c.lsb + tl * c.lst;
+      float pred = 0.0f;
+      for (int64_t q = 0; q < c.order; ++q) pred += a[q] * hist[q];
+      if (mol)
+        for (int64_t q = 0; q < K; ++q) pr[K + q] += pred;
+      else
+        pr[0] += pred;
+    }
     const float* nz = c.noise + b * c.nsb + tl * c.nst;
     auto clamp = [](float v, float lo, float hi) { return std::min(std::max(v, lo), hi); };
     float x;
@@ -323,6 +341,10 @@ void sample_step(const Ctx& c, const Team& team, int64_t tl, const float* params
       x = pr[0] + scale * (float)ndtri((double)u);
     }
     x = std::min(std::max(x, -1.0f), 1.0f);
+    if (hist && c.order > 0) {
+      std::memmove(hist + 1, hist, sizeof(float) * (c.order - 1));
+      hist[0] = x;
+    }
     c.x_prev[b] = x;
     c.out[b * c.osb + tl * c.ost] = x;
     if (c.params_out) std::memcpy(c.params_out + (tl * B + b) * P, pr, sizeof(float) * P);
@@ -462,12 +484,12 @@ void worker(const Ctx& c, Team& team, int p) {
 
 extern "C" {
 
-int fg_abi_version() { return 6; }
+int fg_abi_version() { return 7; }
 int fg_vector_width() { return VW; }
 double fg_ndtri(double p) { return ndtri(p); }
 
-// Runs Tb steps starting at absolute step t0, updating the ring buffers and
-// x_prev in place.  Batch rows are split between min(teams, B) independent
+// Runs Tb steps starting at absolute step t0, updating the ring buffers,
+// x_prev and (with predictors lpc) the LP history lp_hist in place.  Batch rows are split between min(teams, B) independent
 // teams of team_size threads each; the threads of a team split the gated
 // channels of every layer and meet at a barrier per layer.  Returns 0, or a
 // negative code for an invalid configuration.
@@ -476,19 +498,21 @@ int fg_run(const float* wts, const int64_t* cfg, const int64_t* bufs, int64_t B,
            const float* cin, int64_t csb, int64_t csc, int64_t cst, const float* noise, int64_t nsb, int64_t nsc,
            int64_t nst, float* x_prev, float* out,
            int64_t osb, int64_t ost, float temperature, float log_scale_min, float skip_scale, float sqrt_half,
-           int64_t n_teams, int64_t team_size, float* params_out) {
+           int64_t n_teams, int64_t team_size, float* params_out, const float* lpc, int64_t lsb, int64_t lst,
+           int64_t order, float* lp_hist) {
   const int64_t L = cfg[C_L], k = cfg[C_K];
   if (cfg[C_RP] % VW || cfg[C_HP] % VW || cfg[C_SP] % VW || cfg[C_PP] % VW || cfg[C_LGP] % VW) return -1;
   if (k < 2 || L < 1 || B < 1 || Tb < 0) return -2;
   if (cfg[C_DIST] == 0 && cfg[C_NN] != cfg[C_MIX] + 1) return -3;
   if (cfg[C_C] == 0 && csc != 1) return -4;  // given projections: one contiguous row of L*G per step and row
+  if (lpc && (order < 0 || (order > 0 && !lp_hist))) return -5;
   if (Tb == 0) return 0;
   const int64_t nteams = std::max<int64_t>(1, std::min<int64_t>(std::min<int64_t>(n_teams, B), 256));
   const int64_t per_team = std::max<int64_t>(1, std::min<int64_t>(std::min<int64_t>(team_size, 64), cfg[C_HP] / VW));
   std::vector<float*> bp(L);
   for (int64_t l = 0; l < L; ++l) bp[l] = reinterpret_cast<float*>(static_cast<intptr_t>(bufs[l]));
   const Ctx c{wts, cfg, bp.data(), B, Tb, t0, cin, csb, csc, cst, noise, nsb, nsc, nst, x_prev, out, osb, ost,
-              temperature, log_scale_min, skip_scale, sqrt_half, params_out};
+              temperature, log_scale_min, skip_scale, sqrt_half, params_out, lpc, lsb, lst, order, lp_hist};
   std::vector<Team> teams(nteams);
   for (int64_t i = 0; i < nteams; ++i) {
     Team& tm = teams[i];
