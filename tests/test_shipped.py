@@ -1,0 +1,50 @@
+"""The shipped demo checkpoints load and give the audio they gave when they were shipped.
+
+Pinned before the package was re-layered (session 3): the first samples and the sum of a short
+generation from a fixed mel, for each checkpoint.  A refactor that changes the audio fails here.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from wavedistill.checkpoint import load_model
+
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "demo"
+PINS = {  # name: (first six samples, sum of all 2 × 960 or 960 samples)
+    "teacher": ([-0.08658735454082489, -0.07375926524400711, -0.2725597321987152, -0.20923900604248047,
+                 -0.24353115260601044, -0.19042441248893738], 2.6304821554494993),
+    "student": ([-0.0033827831503003836, -0.015170852653682232, -0.0026137421373277903, 0.0005280491895973682,
+                 0.003713686717674136, 0.0029815370216965675], -0.06183672579936683),
+    "clarinet-teacher": ([-0.02387874945998192, -0.022652795538306236, 0.0013272512005642056, 0.014612688682973385,
+                          0.0462619848549366, 0.06365381926298141], 4.793974489430639),
+    "clarinet-student": ([0.012264737859368324, -0.0025119485799223185, 0.02420949563384056, 0.03555340692400932,
+                          0.02905113250017166, 0.02238965407013893], -0.9774031387278228),
+}
+
+
+@pytest.fixture(scope="module")
+def outputs():
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(1234)
+    out = {}
+    for name in PINS:  # the order matters: one generator draws every checkpoint's mel
+        model, feat, _ = load_model(SHIPPED / name, device="cpu")
+        model.eval()
+        mel = torch.randn(1, feat.n_mels, 12, generator=g) * 2 - 5
+        with torch.no_grad():
+            if model.kind == "teacher":  # the compiled generator and the Python one, same noise
+                out[name] = torch.stack([model.generate(mel, seed=7), model.generate(mel, seed=7, fast=False)])
+            else:
+                out[name] = model.synthesize(mel, seed=7)
+    return out
+
+
+@pytest.mark.parametrize("name", list(PINS))
+def test_shipped_checkpoint_gives_its_pinned_audio(outputs, name):
+    head, total = PINS[name]
+    x = outputs[name]
+    torch.testing.assert_close(x.flatten()[:6].double(), torch.tensor(head, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert math.isclose(float(x.double().sum()), total, abs_tol=1e-3)
