@@ -18,12 +18,12 @@ from ..data.cache import FeatureCache
 from ..errors import UserError
 from .losses import DistillationLoss, log_mel_distance
 from ..models.student import Student
+from .experiment import Session, explicit_max_steps
 from .state import (
     EMA,
     RunState,
     SegmentSampler,
     Throughput,
-    check_resume,
     lr_lambda,
     make_accelerator,
     note_bad_step,
@@ -31,6 +31,7 @@ from .state import (
     save,
     set_threads,
     valid_segments,
+    add_spectrogram,
     apply_init_from,
 )
 
@@ -71,12 +72,12 @@ def validate(student, loss_fn, valid, tc, context, device, seed: int, mel_fn) ->
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
-def distill(config_path, teacher_path, data, out, overrides=None, max_steps=None, resume=False) -> dict:
-    with kernels.restoring():  # train.kernels applies to this run only
-        return _distill(config_path, teacher_path, data, out, overrides, max_steps, resume)
+def distill(config_path, teacher_path, data, out, overrides=None, max_steps=None, resume=False, force=False) -> dict:
+    with kernels.restoring(), Session(out, "student", resume, force, explicit_max_steps(max_steps, overrides)) as session:
+        return _distill(config_path, teacher_path, data, out, overrides, max_steps, resume, session)  # train.kernels: this run only
 
 
-def _distill(config_path, teacher_path, data, out, overrides=None, max_steps=None, resume=False) -> dict:
+def _distill(config_path, teacher_path, data, out, overrides=None, max_steps=None, resume=False, session=None) -> dict:
     cfg = load_config(config_path, overrides or [])
     if max_steps is not None:
         if max_steps <= 0:
@@ -86,7 +87,7 @@ def _distill(config_path, teacher_path, data, out, overrides=None, max_steps=Non
     set_threads(tc)
     cache = FeatureCache(data, cfg.features)
     exp = Path(out)
-    ckpt = check_resume(exp, resume, "student", cfg.student, cfg.features)
+    ckpt = session.resume(cfg, cfg.student)  # checks model, features and changed settings
     want = "logistic" if dc.loss == "parallel_wavenet" else "gaussian"
     if cfg.student.distribution != want:
         raise UserError(f"distill.loss={dc.loss} needs student.distribution={want}; fix the config")
@@ -123,8 +124,7 @@ def _distill(config_path, teacher_path, data, out, overrides=None, max_steps=Non
     mel_fn = MelExtractor(cfg.features).to(acc.device)
 
     if acc.is_main_process:
-        exp.mkdir(parents=True, exist_ok=True)
-        acc.init_trackers("student")
+        session.start(acc, cfg)  # lock, config.yaml, train.log, hparams, graceful SIGINT/SIGTERM
         n_params = sum(p.numel() for p in raw.parameters())
         print(f"student: {n_params / 1e6:.2f} M parameters, {len(cfg.student.flow_layers)} flows, receptive field "
               f"{raw.receptive_field}; loss {dc.loss}; teacher {teacher_path}; {impl} residual layers; start step {run.step}", flush=True)
@@ -211,6 +211,8 @@ def _distill(config_path, teacher_path, data, out, overrides=None, max_steps=Non
             acc.wait_for_everyone()
             save(acc, exp, "student", cfg, cfg.student, student, ema, opt, sched, run, is_best,
                  extra={"distill": dataclasses.asdict(dc), "teacher": str(teacher_path)})
+        session.end_step(run, lambda: save(acc, exp, "student", cfg, cfg.student, student, ema, opt, sched, run, False,
+                                           extra={"distill": dataclasses.asdict(dc), "teacher": str(teacher_path)}))
     bar.close()
     acc.end_training()
     return {"step": run.step, "valid": last_valid, "history": history}
@@ -226,4 +228,5 @@ def _log_sample(student: Student, valid, cfg, writer, step: int, exp: Path) -> N
     sr = cfg.features.sample_rate
     writer.add_audio("sample/student", y[None], step, sample_rate=sr)
     writer.add_audio("sample/ground_truth", audio[None], step, sample_rate=sr)
+    add_spectrogram(writer, "sample/spectrogram", y.numpy(), sr, f"student sample, step {step}", step)
     write_wav(exp / "samples" / f"student-step{step:08d}.wav", y.numpy(), sr)

@@ -18,12 +18,12 @@ from ..nn.distributions import quantize
 from ..data.cache import FeatureCache
 from ..errors import UserError
 from ..models.teacher import Teacher
+from .experiment import Session, explicit_max_steps
 from .state import (
     EMA,
     RunState,
     SegmentSampler,
     Throughput,
-    check_resume,
     lr_lambda,
     make_accelerator,
     note_bad_step,
@@ -57,12 +57,12 @@ def validate(model: Teacher, valid, train_cfg, context: int, device) -> float:
     return total / max(count, 1)
 
 
-def train_teacher(config_path, data, out, overrides=None, max_steps=None, resume=False) -> dict:
-    with kernels.restoring():  # train.kernels applies to this run only
-        return _train_teacher(config_path, data, out, overrides, max_steps, resume)
+def train_teacher(config_path, data, out, overrides=None, max_steps=None, resume=False, force=False) -> dict:
+    with kernels.restoring(), Session(out, "teacher", resume, force, explicit_max_steps(max_steps, overrides)) as session:
+        return _train_teacher(config_path, data, out, overrides, max_steps, resume, session)  # train.kernels: this run only
 
 
-def _train_teacher(config_path, data, out, overrides=None, max_steps=None, resume=False) -> dict:
+def _train_teacher(config_path, data, out, overrides=None, max_steps=None, resume=False, session=None) -> dict:
     cfg = load_config(config_path, overrides or [])
     if max_steps is not None:
         if max_steps <= 0:
@@ -72,7 +72,7 @@ def _train_teacher(config_path, data, out, overrides=None, max_steps=None, resum
     set_threads(tc)
     cache = FeatureCache(data, cfg.features)
     exp = Path(out)
-    ckpt = check_resume(exp, resume, "teacher", cfg.teacher, cfg.features)
+    ckpt = session.resume(cfg, cfg.teacher)  # checks model, features and changed settings
     train_set = cache.load_split("train")
     valid_set = cache.load_split("valid") or train_set[:2]
 
@@ -98,8 +98,7 @@ def _train_teacher(config_path, data, out, overrides=None, max_steps=None, resum
     eval_model = Teacher(cfg.teacher, cfg.features.n_mels).to(acc.device)
 
     if acc.is_main_process:
-        acc.init_trackers("teacher")
-        exp.mkdir(parents=True, exist_ok=True)
+        session.start(acc, cfg)  # lock, config.yaml, train.log, hparams, graceful SIGINT/SIGTERM
     writer = acc.get_tracker("tensorboard", unwrap=True) if acc.is_main_process else None
     n_params = sum(p.numel() for p in raw.parameters())
     if acc.is_main_process:
@@ -181,6 +180,7 @@ def _train_teacher(config_path, data, out, overrides=None, max_steps=None, resum
                 run.best_valid = last_valid
             acc.wait_for_everyone()
             save(acc, exp, "teacher", cfg, cfg.teacher, model, ema, opt, sched, run, is_best)
+        session.end_step(run, lambda: save(acc, exp, "teacher", cfg, cfg.teacher, model, ema, opt, sched, run, False))
     bar.close()
     acc.end_training()
     elapsed = time.perf_counter() - t_start
