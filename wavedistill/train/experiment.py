@@ -25,6 +25,7 @@ Both training loops use a :class:`Session`::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -228,7 +229,9 @@ class Session:
 
     def _on_signal(self, signum, frame) -> None:
         if self._signal is not None:  # second signal: stop now; checkpoints are written atomically
-            self.log.line(f"stopped at once by a second {signal.Signals(signum).name} during step {self.step + 1}")
+            if self.lock.held:
+                with contextlib.suppress(OSError):
+                    self.log.line(f"stopped at once by a second {signal.Signals(signum).name} during step {self.step + 1}")
             raise Interrupted(f"stopped at once by a second {signal.Signals(signum).name}; the last checkpoint is intact",
                               SIGNAL_CODES.get(signum, 130))
         self._signal = signum
