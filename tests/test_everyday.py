@@ -242,3 +242,108 @@ def test_info_on_a_checkpoint_and_a_directory(world, tmp_path, capsys):
     assert "1 checkpoint(s)" in out and re.search(r"step-00000004\s+teacher\s+4\s.*latest,best", out)
     assert main(["info", str(h.REPO / "checkpoints" / "demo")]) == 0
     assert "4 checkpoint(s)" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- synthesize and eval front ends
+
+STUDENT = h.REPO / "checkpoints" / "demo" / "student"
+
+
+def _speech(path: Path, seconds: float, f0: float, rate: int = 8000) -> Path:
+    import soundfile as sf
+    from conftest import speech_like
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), speech_like(rate, seconds=seconds, silence=0.05, f0=f0), rate, subtype="PCM_16")
+    return path
+
+
+def test_synthesize_directory_skip_existing_renames_and_exit_status(tmp_path, capsys):
+    import soundfile as sf
+
+    d = tmp_path / "in"
+    _speech(d / "a.wav", 0.4, 120.0)
+    _speech(d / "sub" / "a.wav", 0.3, 180.0)
+    (d / "notes.md").write_text("not an input")  # ignored inside a directory
+    (d / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    out = tmp_path / "out"
+    rc = main(["synthesize", "--checkpoint", str(STUDENT), "--out-dir", str(out), str(d)])
+    cap = capsys.readouterr()
+    assert rc == 1, cap.err  # one input unusable -> exit 1, the others written
+    assert "skipped" in cap.err and "broken.wav" in cap.err
+    assert f"renamed: {d / 'sub' / 'a.wav'} -> {out / 'a-2.wav'}" in cap.out
+    assert "1 input(s) skipped (exit status 1)" in cap.out.strip().splitlines()[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["a-2.wav", "a.wav"]
+    first = (out / "a.wav").read_bytes()
+    assert sf.info(str(out / "a.wav")).frames == 40 * 80
+    # --skip-existing keeps what is there; the good inputs alone exit 0
+    (out / "a.wav").write_bytes(b"keep")
+    assert main(["synthesize", "--checkpoint", str(STUDENT), "--out-dir", str(out), "--skip-existing",
+                 str(d / "a.wav"), str(d / "sub" / "a.wav")]) == 0
+    assert (out / "a.wav").read_bytes() == b"keep"
+    assert "2 existing output(s) kept" in capsys.readouterr().out  # a.wav and a-2.wav
+    # output rate and sample format; the streamed PCM_16 file equals the Vocoder's samples written by write_wav
+    assert main(["synthesize", "--checkpoint", str(STUDENT), "--out-dir", str(tmp_path / "o2"), "--sample-rate", "16000",
+                 "--subtype", "FLOAT", str(d / "a.wav")]) == 0
+    info = sf.info(str(tmp_path / "o2" / "a.wav"))
+    assert (info.samplerate, info.subtype, info.frames) == (16000, "FLOAT", 2 * 40 * 80)
+    import wavedistill
+    from wavedistill.data.audio import write_wav
+
+    voc = wavedistill.load(STUDENT)
+    write_wav(tmp_path / "ref.wav", voc.synthesize(voc.mel_from_audio(d / "a.wav"), seed=0), voc.sample_rate)
+    assert first == (tmp_path / "ref.wav").read_bytes()
+
+
+def test_synthesize_refuses_bad_subtype(tmp_path, capsys):
+    _speech(tmp_path / "a.wav", 0.3, 120.0)
+    assert main(["synthesize", "--checkpoint", str(STUDENT), "--out-dir", str(tmp_path / "o"), "--subtype", "MP3",
+                 str(tmp_path / "a.wav")]) == 2
+    assert "--subtype MP3 is not a WAV sample format" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_long_mel_in_blocks_equals_one_pass():
+    import numpy as np
+    import wavedistill
+    from wavedistill.inference import synthesis
+
+    voc = wavedistill.load(STUDENT)
+    x = np.random.default_rng(0).standard_normal(8000 * 3).astype(np.float32) * 0.1
+    old = synthesis.MEL_BLOCK_SECONDS
+    try:
+        synthesis.MEL_BLOCK_SECONDS = 0.37  # many blocks, none aligned to anything
+        blocks = synthesis.long_mel(voc, x)
+    finally:
+        synthesis.MEL_BLOCK_SECONDS = old
+    whole = voc.mel_from_audio(x)
+    assert blocks.shape == whole.shape
+    assert (blocks - whole).abs().max() < 1e-4
+
+
+def test_eval_wav_dir_and_out_manifest(tmp_path, capsys):
+    import json
+
+    wavs = tmp_path / "wavs"
+    _speech(wavs / "x.wav", 0.5, 130.0)
+    _speech(wavs / "y.wav", 0.4, 170.0, rate=16000)
+    _speech(wavs / "z.wav", 0.4, 150.0)
+    out = tmp_path / "report"
+    args = ["eval", "--checkpoint", str(STUDENT), "--wav-dir", str(wavs), "--out", str(out), "--max-utterances", "2"]
+    assert main(args) == 0, capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert len(metrics["systems"]["student"]["per_utterance"]) == 2 and metrics["config"]["utterances"] == ["x", "y"]
+    assert sorted(p.name for p in (out / "wav" / "student").iterdir()) == ["x.wav", "y.wav"]
+    stale = out / "wav" / "student" / "y.wav"
+    mine = out / "my-notes.txt"
+    mine.write_text("mine")
+    (wavs / "y.wav").unlink()
+    assert main(args) == 0  # re-run: what the first run wrote is replaced, nothing stale remains, my file is kept
+    assert sorted(p.name for p in (out / "wav" / "student").iterdir()) == ["x.wav", "z.wav"] and not stale.exists()
+    assert mine.read_text() == "mine"
+    # a non-empty --out eval did not write is refused; a plain wav dir as --data gets a --wav-dir hint
+    assert main(["eval", "--checkpoint", str(STUDENT), "--wav-dir", str(wavs), "--out", str(wavs)]) == 2
+    assert "not written by 'wavedistill eval'" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(STUDENT), "--data", str(wavs), "--out", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert f"--wav-dir {wavs}" in err and f"--out wavs-features" in err and not (tmp_path / "r2").exists()
