@@ -138,6 +138,54 @@ def _bench_args(w: World, d: Path, *extra: str, checkpoint: Path | None = None) 
             "--json", str(d / "bench.json"), *extra]
 
 
+def _duplicate_key(w, d):
+    text = w.cfg.read_text().replace("train:\n", "train:\n  lr: 0.5\n", 1)
+    return _teacher_args(w, d, _yaml(d, text))
+
+
+def _resume_changed_lr(w, d):
+    shutil.copytree(w.teacher_exp, d / "exp", symlinks=True)
+    return _teacher_args(w, d, None, None, "--resume", "train.lr=0.1")
+
+
+def _resume_exported(w, d):
+    from wavedistill.checkpoint import export_checkpoint
+
+    shutil.copytree(w.teacher_exp, d / "exp", symlinks=True)
+    export_checkpoint(w.teacher, d / "exported")
+    return _teacher_args(w, d, None, None, f"--resume={d / 'exported'}")
+
+
+_HOLDERS: list[subprocess.Popen] = []
+
+
+def _locked_run(w, d):
+    """A live process holds the experiment's lock (killed when the tests end)."""
+    import atexit
+    import sys
+
+    shutil.copytree(w.teacher_exp, d / "exp", symlinks=True)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from wavedistill.fileio import DirectoryLock; "
+                               "DirectoryLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(300)",
+                               str(d / "exp")], env=h.child_env(), stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    _HOLDERS.append(holder)
+    atexit.register(holder.kill)
+    return _teacher_args(w, d, None, None, "--resume")
+
+
+def _export_exists(w, d):
+    (d / "out").mkdir()
+    (d / "out" / "README.md").write_text("# a model card\n")
+    return ["export", "--checkpoint", str(w.teacher), "--out", str(d / "out")]
+
+
+def _eval_out_not_ours(w, d):
+    (d / "report").mkdir()
+    (d / "report" / "thesis.tex").write_text("precious")
+    return _eval_args(w, d)
+
+
 # --------------------------------------------------------------------------- the table
 
 
@@ -369,6 +417,8 @@ ROWS: list[Row] = [
         lambda w, d: _teacher_args(w, d, _yaml(d, "model:\n  layers: 4\n")), "exp"),
     Row("config-unknown-key", "train-teacher", "unknown key in a section (`teacher.layerz`)", r"unknown config key 'teacher.layerz'",
         lambda w, d: _teacher_args(w, d, _cfg_with(d, teacher={"layerz": 4})), "exp"),
+    Row("config-duplicate-key", "train-teacher", "a key given twice in one section (`lr:` twice under `train:`)",
+        r"key 'lr' appears twice", _duplicate_key, "exp"),
     Row("config-wrong-type", "train-teacher", "string where an integer is expected (`teacher.layers: four`)",
         r"teacher.layers='four' must be an integer", lambda w, d: _teacher_args(w, d, _cfg_with(d, teacher={"layers": "four"})), "exp"),
     Row("config-section-not-mapping", "train-teacher", "a section that is a scalar (`train: 5`)", r"section 'train' must be a mapping",
@@ -439,6 +489,12 @@ ROWS: list[Row] = [
         lambda w, d: _teacher_args(w, d, None, None, "--resume"), "exp"),
     Row("train-resume-changed-model", "train-teacher", "--resume with a changed architecture",
         r"cannot resume: teacher.residual_channels was 8", _resume_changed, "exp"),
+    Row("train-resume-changed-lr", "train-teacher", "--resume with a changed optimisation setting (`train.lr`) and no --force",
+        r"cannot resume: settings changed.*train.lr.*--force", _resume_changed_lr, "exp"),
+    Row("train-resume-exported", "train-teacher", "--resume=CKPT naming an exported checkpoint (no training state)",
+        r"has no training state", _resume_exported, "exp"),
+    Row("train-locked", "train-teacher", "--out in use by a running training process",
+        r"is in use by another wavedistill run \(PID \d+\)", _locked_run, "exp"),
     Row("train-resume-student-run", "train-teacher", "--resume of a distillation run as teacher training",
         r"holds a student run", _resume_student_as_teacher, "exp"),
     Row("train-init-from-missing", "train-teacher", "`train.init_from` naming a checkpoint that does not exist",
@@ -469,6 +525,9 @@ ROWS: list[Row] = [
     Row("distill-clarinet-with-mol-teacher", "distill", "ClariNet loss with a mixture-of-logistics teacher",
         r"needs a Gaussian teacher",
         lambda w, d: _distill_args(w, d, None, None, "distill.loss=clarinet", "student.distribution=gaussian"), "exp"),
+    # ---- export
+    Row("export-exists", "export", "--out that already exists (holding a model card), without --force",
+        r"already exists.*--force", _export_exists, "out"),
     # ---- synthesize
     Row("synth-checkpoint-missing", "synthesize", "--checkpoint that does not exist", r"does not exist",
         lambda w, d: _synth_args(w, d, [_one_good_mel(w, d)], checkpoint=d / "nothing"), "out"),
@@ -489,6 +548,10 @@ ROWS: list[Row] = [
         lambda w, d: _synth_args(w, d, [_one_good_mel(w, d)], "--batch-size", "0"), "out"),
     Row("synth-speaker-single", "synthesize", "--speaker for a single-speaker checkpoint", r"single-speaker",
         lambda w, d: _synth_args(w, d, [_one_good_mel(w, d)], "--speaker", "1", checkpoint=w.teacher), "out"),
+    Row("synth-bad-subtype", "synthesize", "--subtype that is not a WAV sample format (`MP3`)", r"--subtype MP3",
+        lambda w, d: _synth_args(w, d, [_one_good_mel(w, d)], "--subtype", "MP3"), "out"),
+    Row("synth-bad-sample-rate", "synthesize", "--sample-rate 0", r"--sample-rate",
+        lambda w, d: _synth_args(w, d, [_one_good_mel(w, d)], "--sample-rate", "0"), "out"),
     # ---- eval
     Row("eval-checkpoint-wrong", "eval", "--checkpoint that is a feature cache", r"not a wavedistill checkpoint",
         lambda w, d: _eval_args(w, d, checkpoint=w.cache), "report"),
@@ -498,6 +561,10 @@ ROWS: list[Row] = [
         _eval_other_features, "report"),
     Row("eval-corrupt-second-utterance", "eval", "a truncated feats file behind a good one (no partial report)",
         r"not a valid safetensors file", _eval_corrupt_second, "report"),
+    Row("eval-out-not-ours", "eval", "a non-empty --out that eval did not write", r"not written by 'wavedistill eval'",
+        _eval_out_not_ours, "report"),
+    Row("eval-data-is-wav-dir", "eval", "--data that is a directory of wavs, not a feature cache",
+        r"holds audio files, not a feature cache.*--wav-dir", lambda w, d: _eval_args(w, d, data=w.wavs), "report"),
     # ---- bench
     Row("bench-checkpoint-missing", "bench", "--checkpoint that does not exist", r"does not exist",
         lambda w, d: _bench_args(w, d, checkpoint=d / "nothing"), "bench.json"),

@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "wavedistill"
 LAYERS = {
     "version": 0, "config": 0, "errors": 0, "fileio": 0,
     "data": 1, "kernels": 2, "nn": 3, "flows": 4, "generation": 5, "models": 6, "checkpoint": 7,
-    "train": 8, "inference": 8, "eval": 9,
+    "train": 8, "inference": 8, "eval": 9, "info": 9,
     "cli": 10, "__main__": 10, "": 10,  # the CLI and the package front (wavedistill.load)
 }
 TOP = 10

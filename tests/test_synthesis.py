@@ -180,7 +180,7 @@ def test_cli_synthesize_mixed_good_and_bad_inputs(tmp_path, write_audio):
                good_wav, tmp_path / "in" / "b.npy", lst, tmp_path / "in" / "missing.wav", tmp_path / "in" / "corrupt.wav",
                tmp_path / "in" / "wrong.npy", tmp_path / "in" / "nan.npy", tmp_path / "in" / "empty.wav")
 
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # issue 15: some inputs skipped -> exit 1 (the others written)
     assert "Traceback" not in proc.stderr
     skipped = [ln for ln in proc.stderr.splitlines() if ln.startswith("skipped ")]
     assert len(skipped) == len(bad), proc.stderr

@@ -255,19 +255,42 @@ def load_training_state(path: Path) -> dict:
     }
 
 
-def export_checkpoint(src: str | Path, dst: str | Path, card: str | None = None) -> Path:
-    """Copy a checkpoint's inference part (weights + config, no training state) to ``dst`` atomically."""
+def export_checkpoint(src: str | Path, dst: str | Path, card: str | None = None, force: bool = False) -> Path:
+    """Copy a checkpoint's inference part (weights + config, no training state) to ``dst`` atomically.
+
+    An existing ``dst`` is refused unless ``force``; then it must be an exported checkpoint (no ``state/``), and
+    everything in it that export does not write (its ``README.md`` model card unless ``card`` replaces it, any other
+    file) is carried into the new version.
+    """
     p = resolve_checkpoint(src)
     model, _, cfg = load_model(p)  # validates everything before anything is written
     dst = Path(dst)
-    if dst.exists() and not (dst / "model.safetensors").is_file():
-        raise UserError(f"{dst} exists and is not a checkpoint; choose a new --out")
+    if dst.exists() or dst.is_symlink():
+        if not dst.is_dir() or dst.is_symlink():
+            raise UserError(f"--out {dst} exists and is not a directory; choose a new --out")
+        if not force:
+            raise UserError(f"--out {dst} already exists; choose a new --out, or pass --force to replace the exported "
+                            f"weights (its README.md and other files are kept)")
+        if not (dst / "model.safetensors").is_file():
+            raise UserError(f"--out {dst} exists and is not a checkpoint; choose a new --out")
+        if (dst / "state").exists():
+            raise UserError(f"--out {dst} is a training checkpoint (it has state/); export to a new directory")
+        if dst.resolve() == p:
+            raise UserError(f"--out {dst} is the checkpoint being exported; choose a new --out")
+    written = {"model.safetensors", "config.yaml"} | ({"README.md"} if card else set())
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     try:
         with atomic_directory(dst) as tmp:
             write_model_dir(tmp, weights, cfg)
             if card:
                 (tmp / "README.md").write_text(card, encoding="utf-8")
+            if dst.is_dir():
+                for item in dst.iterdir():  # keep what export did not write: the model card, figures, notes
+                    if item.name not in written:
+                        if item.is_dir() and not item.is_symlink():
+                            shutil.copytree(item, tmp / item.name, symlinks=True)
+                        else:
+                            shutil.copy2(item, tmp / item.name, follow_symlinks=False)
     except OSError as e:
         raise UserError(describe_os_error(e, f"checkpoint {dst}")) from None
     return dst

@@ -10,6 +10,7 @@ strings whose value is parsed as YAML and checked against the field's type.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import typing
 from dataclasses import dataclass, field
@@ -241,6 +242,133 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# --------------------------------------------------------------------------- what each key means
+
+# One line per key, shown by ``wavedistill config --show``; tests/test_everyday.py checks that every field has one.
+KEY_DOCS: dict[str, str] = {
+    "features.sample_rate": "audio sample rate in Hz (inputs are resampled to it)",
+    "features.n_fft": "FFT size of the log-mel analysis",
+    "features.win_length": "analysis window length in samples (<= n_fft)",
+    "features.hop_length": "samples per mel frame (the upsampling factor of the conditioning)",
+    "features.n_mels": "number of mel bands",
+    "features.fmin": "lowest mel filter frequency in Hz",
+    "features.fmax": "highest mel filter frequency in Hz (<= sample_rate/2)",
+    "features.log_floor": "magnitude floor before the log (log-mel = log(max(mel, floor)))",
+    "prepare.trim_top_db": "trim leading/trailing audio quieter than this many dB below the peak",
+    "prepare.min_seconds": "skip utterances shorter than this after trimming",
+    "prepare.max_seconds": "skip utterances longer than this",
+    "prepare.valid_fraction": "fraction of utterances held out for validation",
+    "prepare.test_fraction": "fraction of utterances held out for testing",
+    "prepare.seed": "seed of the train/valid/test split",
+    "teacher.layers": "residual layers of the WaveNet (a multiple of stacks)",
+    "teacher.stacks": "dilation cycles; dilations restart at 1 in each stack",
+    "teacher.kernel_size": "dilated convolution width (2 or 3)",
+    "teacher.residual_channels": "channels of the residual stream",
+    "teacher.gate_channels": "channels before the gated tanh*sigmoid unit (even)",
+    "teacher.skip_channels": "channels of the skip connections summed into the output head",
+    "teacher.cond_channels": "channels of the upsampled mel conditioning",
+    "teacher.upsample_scales": "mel upsampling factors; their product must be hop_length ([] = derive)",
+    "teacher.n_speakers": "speaker-embedding table size (0 = single speaker)",
+    "teacher.speaker_channels": "speaker-embedding width",
+    "teacher.output": "output distribution: mol (mixture of logistics) or gaussian (ClariNet)",
+    "teacher.mixtures": "mixture components of the mol output",
+    "teacher.log_scale_min": "floor of the output log-scale (null = -16 for mol, -9 for gaussian)",
+    "student.flow_layers": "residual layers of each IAF flow",
+    "student.stacks_per_flow": "dilation cycles of each flow (one entry per flow)",
+    "student.kernel_size": "dilated convolution width (2 or 3)",
+    "student.residual_channels": "channels of each flow's residual stream",
+    "student.gate_channels": "channels before the gated unit (even)",
+    "student.cond_channels": "channels of the upsampled mel conditioning",
+    "student.upsample_scales": "mel upsampling factors; their product must be hop_length ([] = derive)",
+    "student.distribution": "noise and output family: logistic (Parallel WaveNet) or gaussian (ClariNet)",
+    "student.log_scale_bound": "soft bound b on each flow's log-scale (b*tanh(a/b))",
+    "student.init_log_scale": "initial bias of each flow's log-scale head",
+    "train.batch_size": "global batch (segments per step, over all processes)",
+    "train.segment_samples": "audio samples per training segment",
+    "train.lr": "peak learning rate (Adam)",
+    "train.warmup_steps": "linear learning-rate warm-up steps",
+    "train.decay_steps": "cosine-decay steps after warm-up",
+    "train.min_lr_ratio": "final learning rate as a fraction of lr",
+    "train.weight_decay": "Adam weight decay",
+    "train.grad_clip": "gradient-norm clipping threshold",
+    "train.ema_decay": "decay of the exponential moving average of the weights used for generation",
+    "train.grad_accum": "micro-batches accumulated per optimizer step",
+    "train.max_steps": "stop after this many optimizer steps (--max-steps overrides; remembered on resume)",
+    "train.max_cpu_seconds": "stop (validated, checkpointed) once the run has used this much CPU time, summed over resumes; 0 = no limit",
+    "teacher.preemphasis": "pre-emphasis coefficient α (y_t = x_t - α x_{t-1}) folded into the output's location shift; 0 disables",
+    "teacher.lpc_order": "order of the linear predictor computed from the mel that shifts the output distribution; 0 disables",
+    "student.preemphasis": "de-emphasis α applied after the IAF and LP synthesis flows (x_t = y_t + α x_{t-1}); 0 disables",
+    "student.lpc_order": "order of the LP synthesis flow (from the mel) applied to the IAF's excitation; 0 disables",
+    "train.mixed_precision": "no or bf16 autocast (densities and KL terms stay fp32)",
+    "train.kernels": "residual layers: auto (Triton on CUDA when available), reference or triton",
+    "train.seed": "seed of initialisation, batches and noise",
+    "train.log_every": "steps between logged training scalars",
+    "train.valid_every": "steps between validations",
+    "train.valid_utterances": "validation utterances scored",
+    "train.valid_segment_samples": "samples of each validation utterance scored",
+    "train.save_every": "steps between checkpoints",
+    "train.keep_checkpoints": "step checkpoints kept (latest and best are never pruned)",
+    "train.sample_every": "steps between generated samples in TensorBoard and EXP/samples",
+    "train.sample_seconds": "length of those samples in seconds (teacher)",
+    "train.max_bad_steps": "stop after this many non-finite steps in a row",
+    "train.num_threads": "torch CPU threads (0 = torch's default)",
+    "train.init_from": "warm start: copy matching weights from this checkpoint (fresh runs only)",
+    "distill.loss": "parallel_wavenet (Monte Carlo cross-entropy) or clarinet (closed-form Gaussian KL)",
+    "distill.ce_samples": "teacher-scored draws per timestep in the cross-entropy estimate",
+    "distill.kl_weight": "weight of the KL term",
+    "distill.stft_weight": "weight of the multi-resolution STFT-magnitude loss",
+    "distill.stft_fft_sizes": "FFT sizes of the STFT loss resolutions",
+    "distill.stft_hop_sizes": "hop sizes of the STFT loss resolutions",
+    "distill.stft_win_sizes": "window sizes of the STFT loss resolutions",
+    "distill.contrastive_weight": "gamma of the contrastive term with mismatched conditioning (0 = off)",
+    "distill.clarinet_reg": "lambda of ClariNet's log-scale regulariser",
+    "distill.student_log_scale_min": "student log-scale clip before the KL",
+    "distill.kl_clip_min": "lower clip of the per-step KL",
+    "distill.kl_clip_max": "upper clip of the per-step KL",
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return f"{_type_name(args[0])} or null"
+    if origin is Literal:
+        return "|".join(map(str, typing.get_args(tp)))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def describe_keys(cfg: "Config | None" = None) -> list[tuple[str, str, Any, str]]:
+    """``(section.key, type, value, meaning)`` for every config key; values from ``cfg`` or the defaults (unvalidated)."""
+    cfg = cfg if cfg is not None else Config()
+    rows = []
+    for section, cls in typing.get_type_hints(Config).items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            rows.append((key, _type_name(hints[f.name]), getattr(getattr(cfg, section), f.name), KEY_DOCS.get(key, "")))
+    return rows
+
+
+def format_keys(cfg: "Config | None" = None) -> str:
+    """The ``wavedistill config --show`` table: one line per key, grouped by section."""
+    rows = describe_keys(cfg)
+    w_key = max(len(r[0]) for r in rows)
+    w_val = max(len(f"{r[2]!s}") for r in rows) if rows else 0
+    w_type = max(len(r[1]) for r in rows)
+    lines, last = [], None
+    for key, tname, value, meaning in rows:
+        section = key.split(".")[0]
+        if section != last:
+            lines.append(("" if last is None else "\n") + f"{section}:")
+            last = section
+        shown = "null" if value is None else str(value)
+        lines.append(f"  {key:<{w_key}}  {shown:<{w_val}}  {tname:<{w_type}}  {meaning}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- parsing
 
 
@@ -374,7 +502,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(map(str, data)) - names)
     if unknown:
-        raise UserError(f"unknown config key '{where}.{unknown[0]}'; valid keys in '{where}': {', '.join(sorted(names))}")
+        raise UserError(f"unknown config key '{where}.{unknown[0]}'{did_you_mean(unknown[0], names, where)}; "
+                        f"valid keys in '{where}': {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
@@ -393,8 +522,37 @@ def config_from_dict(data: Any) -> Config:
     hints = typing.get_type_hints(Config)
     unknown = sorted(set(map(str, data)) - set(hints))
     if unknown:
-        raise UserError(f"unknown config section '{unknown[0]}'; valid sections: {', '.join(hints)}")
+        raise UserError(f"unknown config section '{unknown[0]}'{did_you_mean(unknown[0], hints)}; valid sections: {', '.join(hints)}")
     return Config(**{k: _build(hints[k], v, k) for k, v in data.items()})
+
+
+def did_you_mean(word: str, choices, section: str | None = None) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a mistyped ``word``, or ``""``."""
+    close = difflib.get_close_matches(str(word), sorted(map(str, choices)), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean '{section}.{close[0]}'?)" if section else f" (did you mean '{close[0]}'?)"
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, but a mapping that repeats a key is an error (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # the base class reports unhashable keys
+            if key in seen:
+                raise DuplicateKeyError(f"key '{key}' appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1})")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -402,7 +560,9 @@ def read_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist; pass a YAML file such as recipes/demo/conf/teacher.yaml")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except DuplicateKeyError as e:
+        raise UserError(f"config file {path}: {e}; keep one of them") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"config file {path} is not valid YAML ({first}); fix the syntax") from None
@@ -421,10 +581,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise UserError(f"override key '{key}' must be section.key (e.g. teacher.layers=10)")
         section, name = parts
         if section not in hints:
-            raise UserError(f"unknown config section '{section}' in override '{item}'; valid sections: {', '.join(hints)}")
+            raise UserError(f"unknown config section '{section}' in override '{item}'{did_you_mean(section, hints)}; "
+                            f"valid sections: {', '.join(hints)}")
         fields_ = {f.name for f in dataclasses.fields(hints[section])}
         if name not in fields_:
-            raise UserError(f"unknown config key '{section}.{name}' in override; valid keys: {', '.join(sorted(fields_))}")
+            raise UserError(f"unknown config key '{section}.{name}' in override{did_you_mean(name, fields_, section)}; "
+                            f"valid keys: {', '.join(sorted(fields_))}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:

@@ -14,3 +14,11 @@ class UserError(Exception):
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive non-finite training steps."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM; ``code`` is the exit status (130 or 143) and the message says what was kept."""
+
+    def __init__(self, message: str, code: int = 130):
+        super().__init__(message)
+        self.code = code

@@ -166,3 +166,100 @@ def unique_names(stems: list[str]) -> list[str]:
         used.add(name)
         out.append(name)
     return out
+
+
+LOCK_NAME = ".wavedistill.lock"
+
+
+class DirectoryLock:
+    """One writer per directory: an exclusive ``fcntl.flock`` on ``DIR/.wavedistill.lock``.
+
+    The kernel drops the lock when the holder dies (even by SIGKILL), so a
+    leftover lock file never blocks the next run.  The file holds the holder's
+    PID for the refusal message and is removed on release, together with the
+    directory when this lock created it and a failed run left it empty.
+    ``check()`` tests for a holder without creating or changing anything.
+    """
+
+    def __init__(self, directory: str | Path, what: str = "--out"):
+        self.dir = Path(directory)
+        self.path = self.dir / LOCK_NAME
+        self.what = what
+        self._fd: int | None = None
+        self._created_dir = False
+
+    def _refuse(self) -> UserError:
+        try:
+            pid = self.path.read_text(encoding="ascii").strip() or "unknown"
+        except (OSError, UnicodeDecodeError):
+            pid = "unknown"
+        return UserError(f"{self.what} {self.dir} is in use by another wavedistill run (PID {pid}); "
+                         "wait for it to finish or choose another directory")
+
+    def check(self) -> None:
+        """Raise a UserError naming the holder's PID when another process holds the lock; write nothing."""
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # no lock file (or unreadable directory: the real write reports it)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._refuse() from None
+        finally:
+            os.close(fd)  # closing drops a lock taken here
+
+    def acquire(self) -> "DirectoryLock":
+        import fcntl
+
+        if self._fd is not None:
+            return self
+        if self.dir.exists() and not self.dir.is_dir():
+            raise UserError(f"{self.what} {self.dir} exists and is not a directory; choose another {self.what}")
+        try:
+            if not self.dir.exists():
+                self.dir.mkdir(parents=True)
+                self._created_dir = True
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    raise self._refuse() from None
+                try:  # the file may have been unlinked by a holder releasing between our open and flock: retry
+                    same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        except OSError as e:
+            raise UserError(describe_os_error(e, f"{self.what} {self.dir}")) from None
+        self._fd = fd
+        return self
+
+    def release(self, remove_empty_dir: bool = False) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)  # while still locked: a waiting opener sees another inode and retries
+        os.close(self._fd)
+        self._fd = None
+        if remove_empty_dir and self._created_dir:
+            with contextlib.suppress(OSError):
+                self.dir.rmdir()  # only if empty
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> "DirectoryLock":
+        return self.acquire()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release(remove_empty_dir=exc_type is not None)

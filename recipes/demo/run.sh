@@ -124,5 +124,11 @@ Done.
   wavs:       $exp/wav/student/  (and $exp/report/wav/)
   report:     $exp/report/report.md  (metrics.json, spectrogram PNGs)
   benchmark:  $exp/bench.json  ($exp/bench.png)
-  logs:       tensorboard --logdir $exp
+  logs:       .venv/bin/tensorboard --logdir $exp   (and $exp/teacher/train.log, $exp/student/train.log)
+
+The models above are this run's small demo models ($exp/teacher, $exp/student).
+Better ones ship with the repository: checkpoints/demo/student (Parallel WaveNet, 4000 steps) and
+checkpoints/demo/clarinet-student, with their teachers and model cards (wavedistill info checkpoints/demo).
+Vocode your own recordings (files or a directory) with the shipped student:
+  .venv/bin/wavedistill synthesize --checkpoint checkpoints/demo/student --out-dir out/ /path/to/your/wavs
 MSG

@@ -33,7 +33,7 @@ from ..version import __version__
 from .audio import AudioError, MelExtractor, load_audio, trim_silence
 from ..config import Config, FeatureConfig
 from ..errors import UserError
-from ..fileio import unique_names, atomic_write_json, atomic_write_text, describe_os_error, read_json, save_tensors
+from ..fileio import DirectoryLock, unique_names, atomic_write_json, atomic_write_text, describe_os_error, read_json, save_tensors
 
 SPLITS = ("train", "valid", "test")
 CLIP_LEVEL = 0.999  # a file whose peak reaches this is counted as clipped
@@ -50,7 +50,11 @@ def run_prepare(wav_dir: str | Path, out: str | Path, cfg: Config) -> dict[str, 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; choose another --out")
     check_summary_features(out, cfg.features)
+    with DirectoryLock(out):  # one writer per cache; on failure an --out this run created is removed again
+        return _build(wav_dir, out, cfg)
 
+
+def _build(wav_dir: Path, out: Path, cfg: Config) -> dict[str, Any]:
     sources = find_audio_files(wav_dir, exclude=out)
     uttids = make_uttids(sources)
     writer = _CacheWriter(out)

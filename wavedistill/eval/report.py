@@ -31,6 +31,7 @@ utterances and ``REPORT/wav/<system>/<uttid>.wav``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import math
@@ -396,15 +397,79 @@ def render_report(result: dict, pngs: list[tuple[str, str]]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def run_eval(checkpoints: list[str], data: str | Path, out: str | Path, split: str = "test",
-             max_utterances: int | None = None, seed: int = 0, device: str = "cpu", spectrograms: int = 3) -> dict:
-    """Score every checkpoint and Griffin-Lim on ``split`` of the feature cache ``data``; write the report to ``out``."""
+MANIFEST = ".wavedistill-eval.json"  # the files an eval wrote into its --out, so that a re-run removes exactly those
+
+
+def _wav_dir_utterances(wav_dir: Path, vocoders, max_utterances: int | None):
+    """``(uttid, audio, mel)`` for the audio files under ``wav_dir`` with the checkpoints' features (no cache needed)."""
+    from ..data.audio import AudioError, load_audio
+    from ..data.prepare import find_audio_files, make_uttids
+    from ..inference.synthesis import LONG_INPUT_SECONDS, _audio_suffixes, long_mel
+
+    if not wav_dir.is_dir():
+        raise UserError(f"--wav-dir {wav_dir} is not a directory; point it at a directory of audio files")
+    voc = vocoders[0]
+    sources = [r for r in find_audio_files(wav_dir) if r.suffix.lower() in _audio_suffixes() - {".npy"}]
+    utterances, skipped = [], []
+    for rel, uttid in zip(sources, make_uttids(sources)):
+        if max_utterances is not None and len(utterances) >= max_utterances:
+            break
+        try:
+            x = MelExtractor.align(load_audio(wav_dir / rel, voc.sample_rate), voc.hop)
+            mel = long_mel(voc, x) if x.shape[0] > LONG_INPUT_SECONDS * voc.sample_rate else voc.mel_from_audio(x)
+        except AudioError as e:
+            skipped.append(f"{rel}: {e}")
+            continue
+        utterances.append((uttid, torch.from_numpy(x[: mel.shape[1] * voc.hop].copy()), mel))
+    if not utterances:
+        what = f"{len(sources)} audio files, none usable: {skipped[0]}" if skipped else "no audio files found"
+        raise UserError(f"no usable audio in --wav-dir {wav_dir} ({what})")
+    for line in skipped:
+        print(f"skipped {wav_dir / line}", file=sys.stderr)
+    return utterances
+
+
+def _prepare_out(out: Path, planned: list[str]) -> None:
+    """Make ``out`` ready: remove what an earlier eval wrote there (its manifest), refuse a non-empty --out it did not
+    write, then record the files this run will write."""
+    import json
+    import os
+
+    if out.is_dir() and any(out.iterdir()):
+        manifest = out / MANIFEST
+        if not manifest.is_file():
+            raise UserError(f"--out {out} is not empty and was not written by 'wavedistill eval'; "
+                            f"choose a new or empty --out")
+        try:
+            old = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{manifest} is corrupt; delete {out} or choose another --out") from None
+        for rel in old:
+            p = out / rel
+            if ".." in Path(rel).parts or Path(rel).is_absolute():
+                continue  # never outside --out
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                p.unlink()
+        for d in sorted({(out / rel).parent for rel in old}, key=lambda q: -len(q.parts)):
+            while d != out and d.is_dir() and not any(d.iterdir()):
+                os.rmdir(d)
+                d = d.parent
+    atomic_write_json(out / MANIFEST, {"files": sorted(planned)})
+
+
+def run_eval(checkpoints: list[str], data: str | Path | None, out: str | Path, split: str = "test",
+             max_utterances: int | None = None, seed: int = 0, device: str = "cpu", spectrograms: int = 3,
+             wav_dir: str | Path | None = None) -> dict:
+    """Score every checkpoint and Griffin-Lim on ``split`` of the feature cache ``data`` (or on the audio files under
+    ``wav_dir``, with the checkpoints' features); write the report to ``out``."""
     from tqdm import tqdm
 
-    from ..inference.synthesis import Vocoder
+    from ..inference.synthesis import AUTO_CHUNK_SECONDS, Vocoder
 
     if not checkpoints:
         raise UserError("pass at least one --checkpoint")
+    if (data is None) == (wav_dir is None):
+        raise UserError("pass either --data (a feature cache) or --wav-dir (a directory of audio files)")
     if not 0 <= seed < 2**32:
         raise UserError(f"--seed must be in [0, {2**32}), got {seed}")
     if max_utterances is not None and max_utterances < 1:
@@ -413,31 +478,52 @@ def run_eval(checkpoints: list[str], data: str | Path, out: str | Path, split: s
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; choose another --out")
     vocoders = [Vocoder.load(c, device) for c in checkpoints]
-    cache = FeatureCache(data)
-    fc = cache.features
-    have = dataclasses.asdict(fc)
-    for c, v in zip(checkpoints, vocoders):
-        for key, want in dataclasses.asdict(v.features).items():
-            if have[key] != want:
-                raise UserError(f"checkpoint {c} uses features.{key}={want} but data dir {data} was prepared with "
-                                f"{have[key]}; evaluate on a cache prepared with the checkpoint's features")
-    ids = cache.ids(split)
-    if max_utterances is not None:
-        ids = ids[:max_utterances]
-    if not ids:
-        raise UserError(f"split '{split}' of {data} has no utterances; choose another --split")
-    # read every utterance before writing anything: a corrupt cache leaves no partial report
-    utterances = [(uttid, *cache.load(uttid)) for uttid in ids]
+    if wav_dir is not None:
+        wav_dir = Path(wav_dir)
+        fc = vocoders[0].features
+        for c, v in zip(checkpoints[1:], vocoders[1:]):
+            if v.features != fc:
+                raise UserError(f"checkpoint {c} uses other feature parameters than {checkpoints[0]}; "
+                                f"--wav-dir evaluates checkpoints that share their features")
+        utterances = _wav_dir_utterances(wav_dir, vocoders, max_utterances)
+        ids = [u[0] for u in utterances]
+        data, split = wav_dir, "wav-dir"
+    else:
+        data = Path(data)
+        if data.is_dir() and not (data / "summary.json").exists():
+            from ..data.prepare import find_audio_files
+
+            if any(find_audio_files(data)):
+                raise UserError(f"--data {data} holds audio files, not a feature cache; evaluate them with --wav-dir {data}, "
+                                f"or prepare a cache with 'wavedistill prepare --wav-dir {data} --out {data.name}-features'")
+        cache = FeatureCache(data)
+        fc = cache.features
+        have = dataclasses.asdict(fc)
+        for c, v in zip(checkpoints, vocoders):
+            for key, want in dataclasses.asdict(v.features).items():
+                if have[key] != want:
+                    raise UserError(f"checkpoint {c} uses features.{key}={want} but data dir {data} was prepared with "
+                                    f"{have[key]}; evaluate on a cache prepared with the checkpoint's features")
+        ids = cache.ids(split)
+        if max_utterances is not None:
+            ids = ids[:max_utterances]
+        if not ids:
+            raise UserError(f"split '{split}' of {data} has no utterances; choose another --split")
+        # read every utterance before writing anything: a corrupt cache leaves no partial report
+        utterances = [(uttid, *cache.load(uttid)) for uttid in ids]
+    chunk_frames = max(1, round(AUTO_CHUNK_SECONDS * fc.sample_rate / fc.hop_length))  # bounded memory, same audio
     names = system_names(vocoders)
     systems = [GRIFFIN_LIM] + names
     scorer = Scorer(fc)
     per_utt: dict[str, dict[str, dict]] = {s: {} for s in systems}
     pngs: list[tuple[str, str]] = []
+    planned = [f"wav/{n}/{u}.wav" for n in systems for u in ids] + [f"spectrograms/{u}.png" for u in ids[:spectrograms]]
     try:
+        _prepare_out(out, planned + ["metrics.json", "report.md"])
         for idx, (uttid, audio, mel) in enumerate(tqdm(utterances, desc="eval", unit="utt", file=sys.stderr, disable=None)):
             outputs = {GRIFFIN_LIM: griffin_lim(mel, fc, seed=seed)}
             for name, voc in zip(names, vocoders):
-                outputs[name] = voc.synthesize(mel, seed=seed).float().cpu().numpy()
+                outputs[name] = voc.synthesize(mel, seed=seed, chunk_frames=chunk_frames).float().cpu().numpy()
             for name, y in outputs.items():
                 values, reasons = scorer.score(audio, y)
                 entry: dict = dict(values)

@@ -48,6 +48,7 @@ MAX_SEED = 2**32  # the student's positional noise seeds generators with seed·1
 MEL_SUFFIX = ".npy"
 
 Progress = Callable[[int], None]
+Sink = Callable[[int, torch.Tensor], None]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -169,8 +170,11 @@ class Vocoder:
     @torch.no_grad()  # not inference_mode: callers may feed the output to autograd code (losses, tests)
     def synthesize_items(self, mels: list[torch.Tensor], seed: int | None, rows: list[int] | None = None,
                          temperature: float = 1.0, chunk_frames: int | None = None, speaker: int | None = None,
-                         progress: Progress | None = None) -> list[torch.Tensor]:
+                         progress: Progress | None = None, sink: Sink | None = None) -> list[torch.Tensor]:
         """Synthesise mels of different lengths together (one batch); item ``i`` uses noise row ``rows[i]``.
+
+        With ``sink``, each chunk of output is handed over as ``sink(i, samples)`` in order (nothing is kept: the
+        return value is empty), so memory stays bounded by the chunk size, not by the input length.
 
         Each item's output equals what it gets alone with the same seed and row: the
         conditioning is computed per item and only the causal networks run batched, so
@@ -195,10 +199,14 @@ class Vocoder:
                 raise ValueError(f"each mel must be [n_mels={self.n_mels}, frames>0], got {tuple(m.shape)}")
         frames = [m.shape[1] for m in mels]
         chunk = int(chunk_frames) if chunk_frames else max(frames)
+        outs: list[list[torch.Tensor]] = [[] for _ in mels]
+        emit = sink or (lambda i, x: outs[i].append(x))
         if self.kind == "student":
-            return self._student(mels, frames, int(seed), rows, float(temperature), chunk, progress)
-        spk = self._speaker(speaker, len(mels))
-        return self._teacher(mels, frames, int(seed), rows, float(temperature), chunk, spk, progress)
+            self._student(mels, frames, int(seed), rows, float(temperature), chunk, progress, emit)
+        else:
+            spk = self._speaker(speaker, len(mels))
+            self._teacher(mels, frames, int(seed), rows, float(temperature), chunk, spk, progress, emit)
+        return [] if sink else [torch.cat(o) for o in outs]
 
     # ------------------------------------------------------------------ internals
     def _speaker(self, speaker: int | None, batch: int) -> torch.Tensor | None:
@@ -224,10 +232,9 @@ class Vocoder:
             c = self.model.cond(mel[None, :, lo:hi], speaker[:1])
         return c[0, :, (first - lo) * hop : (stop - lo) * hop]
 
-    def _student(self, mels, frames, seed, rows, temperature, chunk, progress) -> list[torch.Tensor]:
+    def _student(self, mels, frames, seed, rows, temperature, chunk, progress, emit: Sink) -> None:
         model, hop = self.model, self.hop
         n_max = max(frames)
-        outs: list[list[torch.Tensor]] = [[] for _ in mels]
         states: dict[int, tuple] = {}  # source-filter students: each item's filter state where its last chunk ended
         for s in range(0, n_max, chunk):
             e = min(s + chunk, n_max)
@@ -253,13 +260,12 @@ class Vocoder:
             done = 0
             for k, i in enumerate(active):
                 e_i = min(e, frames[i])
-                outs[i].append(x[k, (s - a) * hop : (e_i - a) * hop])
+                emit(i, x[k, (s - a) * hop : (e_i - a) * hop])
                 done += (e_i - s) * hop
             if progress is not None:
                 progress(done)
-        return [torch.cat(o) for o in outs]
 
-    def _teacher(self, mels, frames, seed, rows, temperature, chunk, speaker, progress) -> list[torch.Tensor]:
+    def _teacher(self, mels, frames, seed, rows, temperature, chunk, speaker, progress, emit: Sink) -> None:
         from ..generation.select import make_generator
 
         model, hop = self.model, self.hop
@@ -279,7 +285,6 @@ class Vocoder:
             if progress is not None:
                 progress(valid)
 
-        outs = []
         for s in range(0, n_max, chunk):
             e = min(s + chunk, n_max)
             c = torch.zeros(B, model.cfg.cond_channels, (e - s) * hop, dtype=self.dtype, device=self.device)
@@ -288,13 +293,14 @@ class Vocoder:
                     e_i = min(e, f)
                     c[i, :, : (e_i - s) * hop] = self._cond_window(mels[i], s, e_i, speaker)
             if model.source is None:
-                outs.append(gen.run(c, noise[:, :, s * hop : e * hop], temperature, cache, progress=advance))
+                y = gen.run(c, noise[:, :, s * hop : e * hop], temperature, cache, progress=advance)
             else:  # source-filter teacher: the predictor of each item's frames (the last one repeated past its end)
                 if s == 0:
                     lp = model.source.predictor(torch.stack([F.pad(m[None], (0, n_max - m.shape[1]), mode="replicate")[0] for m in mels]))
-                outs.append(gen.run(c, noise[:, :, s * hop : e * hop], temperature, cache, progress=advance, lpc=lp.shifted(s * hop)))
-        out = torch.cat(outs, dim=1)
-        return [out[i, : f * hop] for i, f in enumerate(frames)]
+                y = gen.run(c, noise[:, :, s * hop : e * hop], temperature, cache, progress=advance, lpc=lp.shifted(s * hop))
+            for i, f in enumerate(frames):
+                if f > s:
+                    emit(i, y[i, : (min(e, f) - s) * hop])
 
 
 def _row(make: Callable[[int], torch.Tensor], row: int) -> torch.Tensor:
@@ -303,6 +309,10 @@ def _row(make: Callable[[int], torch.Tensor], row: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- the synthesize command
+
+AUTO_CHUNK_SECONDS = 10.0  # default --chunk-seconds: bounded memory whatever the input length, same output
+LONG_INPUT_SECONDS = 60.0  # audio longer than this gets its log-mel computed block by block
+MEL_BLOCK_SECONDS = 30.0
 
 
 class InputError(Exception):
@@ -321,15 +331,31 @@ class Job:
         self.frames = int(self.mel.shape[1])
 
 
+def _audio_suffixes() -> set[str]:
+    import soundfile as sf
+
+    return {f".{k.lower()}" for k in sf.available_formats()} | {".aif", ".oga", ".opus", MEL_SUFFIX}
+
+
 def expand_inputs(inputs: list[str]) -> list[tuple[str, Path | None, str | None]]:
-    """Inputs in order, list files expanded (relative entries resolved against the list's directory).
+    """Inputs in order: list files expanded (relative entries resolved against the list's directory), directories
+    searched recursively for audio and ``.npy`` files (other files there are not inputs and are ignored).
 
     Each entry is ``(label, path, None)`` for an audio/.npy path, or ``(label, None, reason)`` for a
-    list file that cannot be read (or a nested list).
+    list file that cannot be read (or a nested list), or a directory without inputs.
     """
+    from ..data.prepare import find_audio_files
+
     out: list[tuple[str, Path | None, str | None]] = []
     for item in inputs:
         p = Path(item)
+        if p.is_dir():
+            suffixes = _audio_suffixes()
+            found = [p / rel for rel in find_audio_files(p) if rel.suffix.lower() in suffixes]
+            if not found:
+                out.append((item, None, "directory holds no audio or .npy files"))
+            out.extend((str(q), q, None) for q in found)
+            continue
         if p.suffix.lower() not in LIST_SUFFIXES:
             out.append((str(p), p, None))
             continue
@@ -337,9 +363,6 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, Path | None, str | None]
             text = p.read_text(encoding="utf-8")
         except FileNotFoundError:
             out.append((item, None, "does not exist"))
-            continue
-        except IsADirectoryError:
-            out.append((item, None, "is a directory; pass audio files, .npy log-mels or a list file"))
             continue
         except (OSError, UnicodeDecodeError) as e:
             out.append((item, None, f"list file cannot be read ({e.__class__.__name__}: {e})"))
@@ -357,6 +380,23 @@ def expand_inputs(inputs: list[str]) -> list[tuple[str, Path | None, str | None]
     return out
 
 
+def long_mel(vocoder: Vocoder, audio: np.ndarray) -> torch.Tensor:
+    """The log-mel of long audio computed block by block: the same frames as one pass (every frame's window lies
+    inside its block, or meets the true edge, which is reflected as in one pass) without one huge STFT."""
+    hop = vocoder.hop
+    audio = MelExtractor.align(audio, hop)
+    n = audio.shape[0] // hop
+    margin = math.ceil(vocoder.features.n_fft / 2 / hop) + 1
+    block = max(1, round(MEL_BLOCK_SECONDS * vocoder.sample_rate / hop))
+    parts = []
+    for s in range(0, n, block):
+        e = min(n, s + block)
+        lo, hi = max(0, s - margin), min(n, e + margin)
+        m = vocoder.mel_from_audio(audio[lo * hop : hi * hop])
+        parts.append(m[:, s - lo : e - lo])
+    return torch.cat(parts, dim=1)
+
+
 def load_mel_input(vocoder: Vocoder, path: Path) -> torch.Tensor:
     """Log-mel ``[n_mels, frames]`` of one input: a ``.npy`` log-mel or an audio file; :class:`InputError` if unusable."""
     if not path.exists():
@@ -365,7 +405,10 @@ def load_mel_input(vocoder: Vocoder, path: Path) -> torch.Tensor:
         raise InputError("is a directory; pass audio files, .npy log-mels or a list file")
     if path.suffix.lower() != MEL_SUFFIX:
         try:
-            return vocoder.mel_from_audio(path)
+            x = load_audio(path, vocoder.sample_rate)
+            if x.shape[0] > LONG_INPUT_SECONDS * vocoder.sample_rate:
+                return long_mel(vocoder, x)
+            return vocoder.mel_from_audio(x)
         except AudioError as e:
             raise InputError(str(e)) from None
     try:
@@ -394,18 +437,80 @@ def batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+class WavStream:
+    """A WAV file written chunk by chunk into a temporary file next to ``path``, renamed into place by :meth:`commit`.
+
+    16-bit PCM is scaled exactly as :func:`~wavedistill.data.audio.write_wav` does (clip, ×32768, round); other
+    subtypes get the clipped float samples.  A different output rate is produced by a streaming soxr resampler.
+    """
+
+    def __init__(self, path: Path, model_rate: int, out_rate: int, subtype: str):
+        import os
+        import tempfile
+
+        import soundfile as sf
+
+        self.path = path
+        self.subtype = subtype
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self.file = sf.SoundFile(str(self.tmp), mode="w", samplerate=out_rate, channels=1, subtype=subtype, format="WAV")
+        self.resampler = None
+        if out_rate != model_rate:
+            import soxr
+
+            self.resampler = soxr.ResampleStream(model_rate, out_rate, 1, dtype="float32", quality="HQ")
+
+    def _put(self, x: np.ndarray) -> None:
+        if x.size == 0:
+            return
+        if self.subtype == "PCM_16":
+            x64 = np.clip(x.astype(np.float64), -1.0, 1.0)
+            self.file.write(np.clip(np.round(x64 * 32768.0), -32768, 32767).astype(np.int16))
+        else:
+            self.file.write(np.clip(x, -1.0, 1.0).astype(np.float32))
+
+    def write(self, samples: torch.Tensor) -> None:
+        x = samples.detach().to("cpu", torch.float32).numpy().reshape(-1)
+        if self.resampler is not None:
+            x = self.resampler.resample_chunk(x)
+        self._put(x)
+
+    def commit(self) -> None:
+        import os
+
+        if self.resampler is not None:
+            self._put(self.resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
+        self.file.close()
+        with open(self.tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+
+    def discard(self) -> None:
+        import contextlib
+
+        with contextlib.suppress(Exception):
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def run_synthesize(checkpoint: str | Path, inputs: list[str], out_dir: str | Path, device: str = "cpu", seed: int = 0,
-                   temperature: float = 1.0, batch_size: int = 4, chunk_seconds: float | None = None,
-                   speaker: int | None = None) -> dict:
+                   temperature: float = 1.0, batch_size: int | None = None, chunk_seconds: float | None = AUTO_CHUNK_SECONDS,
+                   speaker: int | None = None, sample_rate: int | None = None, subtype: str = "PCM_16",
+                   skip_existing: bool = False) -> dict:
     """Synthesise every usable input into ``OUT_DIR/<stem>.wav``; unusable inputs are reported and skipped.
 
-    Returns ``{"outputs", "skipped", "audio_seconds", "wall_seconds", "real_time_factor"}``.
+    Output is written as it is produced (chunks of ``chunk_seconds``), so memory does not grow with the output.
+    ``batch_size`` None means 1 on CPU (batching only pays on a GPU) and 4 on CUDA.
+    Returns ``{"outputs", "skipped", "existing", "renamed", "audio_seconds", "wall_seconds", "real_time_factor"}``.
     """
+    import soundfile as sf
     from tqdm import tqdm
 
     if not inputs:
-        raise UserError("no inputs given; pass audio files, .npy log-mels or list files")
-    if batch_size < 1:
+        raise UserError("no inputs given; pass audio files, directories, .npy log-mels or list files")
+    if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     if not 0 <= seed < MAX_SEED:
         raise UserError(f"--seed must be in [0, {MAX_SEED}), got {seed}")
@@ -413,6 +518,11 @@ def run_synthesize(checkpoint: str | Path, inputs: list[str], out_dir: str | Pat
         raise UserError(f"--temperature must be a finite number >= 0, got {temperature}")
     if chunk_seconds is not None and not (math.isfinite(chunk_seconds) and chunk_seconds > 0):
         raise UserError(f"--chunk-seconds must be a positive number, got {chunk_seconds}")
+    if sample_rate is not None and not 1000 <= sample_rate <= 384000:
+        raise UserError(f"--sample-rate must be an integer rate in Hz between 1000 and 384000, got {sample_rate}")
+    wav_subtypes = sf.available_subtypes("WAV")
+    if subtype not in wav_subtypes:
+        raise UserError(f"--subtype {subtype} is not a WAV sample format; choose one of {', '.join(sorted(wav_subtypes))}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--out-dir {out_dir} exists and is not a directory; choose another --out-dir")
@@ -420,6 +530,9 @@ def run_synthesize(checkpoint: str | Path, inputs: list[str], out_dir: str | Pat
     voc = Vocoder.load(checkpoint, device)
     voc._speaker(speaker, 1)  # validate before any work
     sr, hop = voc.sample_rate, voc.hop
+    out_rate = sample_rate or sr
+    if batch_size is None:
+        batch_size = 4 if voc.device.type == "cuda" else 1
     chunk_frames = max(1, round(chunk_seconds * sr / hop)) if chunk_seconds else None
 
     jobs: list[Job] = []
@@ -437,8 +550,17 @@ def run_synthesize(checkpoint: str | Path, inputs: list[str], out_dir: str | Pat
     for src, why in skipped:
         print(f"skipped {src}: {why}", file=sys.stderr, flush=True)
 
+    renamed = []
     for job, name in zip(jobs, unique_names([Path(j.source).stem for j in jobs])):
         job.name, job.out = name, out_dir / f"{name}.wav"
+        if name != Path(job.source).stem:
+            renamed.append((job.source, str(job.out)))
+    for src, dst in renamed:  # names collided: say which input went where
+        print(f"renamed: {src} -> {dst}", flush=True)
+    existing = [j for j in jobs if skip_existing and j.out.exists()]
+    if existing:
+        print(f"--skip-existing: {len(existing)} output(s) already exist and are kept", flush=True)
+        jobs = [j for j in jobs if j not in existing]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -458,22 +580,38 @@ def run_synthesize(checkpoint: str | Path, inputs: list[str], out_dir: str | Pat
             bar.set_postfix_str(f"RTF {(time.perf_counter() - t_start) / max(done, 1e-9):.3f}", refresh=False)
 
         for group in batches(jobs, batch_size):
-            audio = voc.synthesize_items([j.mel for j in group], seed, [0] * len(group), temperature, chunk_frames,
-                                         speaker, advance)
-            for job, x in zip(group, audio):
-                try:
-                    write_wav(job.out, x, sr)
-                except OSError as e:
-                    raise UserError(describe_os_error(e, str(job.out))) from None
-                written.append(str(job.out))
+            streams: list[WavStream] = []
+            try:
+                for job in group:
+                    streams.append(WavStream(job.out, sr, out_rate, subtype))
+                voc.synthesize_items([j.mel for j in group], seed, [0] * len(group), temperature, chunk_frames,
+                                     speaker, advance, sink=lambda i, x: streams[i].write(x))
+                for job, stream in zip(group, streams):
+                    stream.commit()
+                    written.append(str(job.out))
+            except OSError as e:
+                raise UserError(describe_os_error(e, str(group[len(streams) - 1].out if streams else out_dir))) from None
+            finally:
+                for stream in streams:
+                    if stream.tmp.exists():
+                        stream.discard()
+            for job in group:
+                job.mel = job.mel[:, :0]  # done: free the input
     wall = time.perf_counter() - t_start
-    rtf = wall / total_seconds
-    note = f", {len(skipped)} input(s) skipped" if skipped else ""
+    rtf = wall / total_seconds if total_seconds else 0.0
+    notes = []
+    if existing:
+        notes.append(f"{len(existing)} existing output(s) kept")
+    if skipped:
+        notes.append(f"{len(skipped)} input(s) skipped (exit status 1)")
+    note = (", " + ", ".join(notes)) if notes else ""
     print(f"synthesized {len(written)} file(s), {total_seconds:.2f} s of audio in {wall:.2f} s "
           f"(real-time factor {rtf:.3f}){note} -> {out_dir}", flush=True)
     return {
         "outputs": written,
         "skipped": [{"input": s, "reason": r} for s, r in skipped],
+        "existing": [str(j.out) for j in existing],
+        "renamed": [{"input": s, "output": d} for s, d in renamed],
         "audio_seconds": total_seconds,
         "wall_seconds": wall,
         "real_time_factor": rtf,

@@ -12,9 +12,10 @@ from ..config import load_config
 from ..data.audio import MelExtractor
 from ..errors import UserError
 from ..models.student import Student
+from .experiment import explicit_max_steps
 from .loop import Objective, run_training
 from .losses import DistillationLoss, log_mel_distance
-from .state import valid_segments
+from .state import add_spectrogram, valid_segments
 
 TERMS = ("total", "kl", "cross_entropy", "entropy", "stft", "log_s_tot", "contrastive")
 
@@ -133,8 +134,9 @@ class DistillObjective(Objective):
         _log_sample(eval_model, valid, self.cfg, writer, step, exp)
 
 
-def distill(config_path, teacher_path, data, out, overrides=None, max_steps=None, resume=False) -> dict:
-    return run_training(DistillObjective(load_config(config_path, overrides or []), teacher_path), data, out, resume, max_steps)
+def distill(config_path, teacher_path, data, out, overrides=None, max_steps=None, resume=False, force=False) -> dict:
+    return run_training(DistillObjective(load_config(config_path, overrides or []), teacher_path), data, out, resume,
+                        max_steps, force, explicit_max_steps(max_steps, overrides))
 
 
 @torch.no_grad()
@@ -146,4 +148,5 @@ def _log_sample(student: Student, valid, cfg, writer, step: int, exp: Path) -> N
     sr = cfg.features.sample_rate
     writer.add_audio("sample/student", y[None], step, sample_rate=sr)
     writer.add_audio("sample/ground_truth", audio[None], step, sample_rate=sr)
+    add_spectrogram(writer, "sample/spectrogram", y.numpy(), sr, f"student sample, step {step}", step)
     write_wav(exp / "samples" / f"student-step{step:08d}.wav", y.numpy(), sr)

@@ -20,13 +20,13 @@ from .. import kernels
 from ..config import Config
 from ..data.cache import FeatureCache
 from ..errors import UserError
+from .experiment import Session
 from .state import (
     EMA,
     RunState,
     SegmentSampler,
     Throughput,
     apply_init_from,
-    check_resume,
     lr_lambda,
     make_accelerator,
     note_bad_step,
@@ -115,13 +115,20 @@ def _finish_bad_step(acc, opt, run, tc, bar, what, save_now) -> None:
         save_now(False)
 
 
-def run_training(objective: Objective, data, out, resume: bool = False, max_steps: int | None = None) -> dict:
-    """Train ``objective``'s model on the feature cache ``data`` into the experiment directory ``out``."""
-    with kernels.restoring():  # train.kernels applies to this run only
-        return _run(objective, data, out, resume, max_steps)
+def run_training(objective: Objective, data, out, resume: bool | str = False, max_steps: int | None = None,
+                 force: bool = False, explicit_max_steps: bool = False) -> dict:
+    """Train ``objective``'s model on the feature cache ``data`` into the experiment directory ``out``.
+
+    ``resume``: False, True (the latest checkpoint) or a checkpoint path; ``force`` accepts changed settings
+    on resume; ``explicit_max_steps``: the command line set the step target (else a resume keeps the run's).
+    The :class:`~wavedistill.train.experiment.Session` holds the lock on ``out``, writes config.yaml and
+    train.log, and turns SIGINT/SIGTERM into a checkpoint at the end of the current step.
+    """
+    with kernels.restoring(), Session(out, objective.kind, resume, force, explicit_max_steps) as session:
+        return _run(objective, data, out, max_steps, session)  # train.kernels applies to this run only
 
 
-def _run(obj: Objective, data, out, resume, max_steps) -> dict:
+def _run(obj: Objective, data, out, max_steps, session: Session) -> dict:
     cfg = obj.cfg
     if max_steps is not None:
         if max_steps <= 0:
@@ -131,7 +138,7 @@ def _run(obj: Objective, data, out, resume, max_steps) -> dict:
     set_threads(tc)
     cache = FeatureCache(data, cfg.features)
     exp = Path(out)
-    ckpt = check_resume(exp, resume, obj.kind, obj.model_config(), cfg.features)
+    ckpt = session.resume(cfg, obj.model_config())  # model, features and changed settings checked
     obj.validate_config()
     acc = make_accelerator(tc, exp)
     rank, world = acc.process_index, acc.num_processes
@@ -170,8 +177,7 @@ def _run(obj: Objective, data, out, resume, max_steps) -> dict:
         return valid
 
     if acc.is_main_process:
-        exp.mkdir(parents=True, exist_ok=True)
-        acc.init_trackers(obj.kind)  # TensorBoard under logs/<kind>
+        session.start(acc, cfg)  # lock, config.yaml, train.log, hparams; TensorBoard under logs/<kind>; signals
         print(obj.banner(raw, len(train_set), len(valid_set), world, impl, run.step), flush=True)
     writer = acc.get_tracker("tensorboard", unwrap=True) if acc.is_main_process else None
     bar = tqdm(total=tc.max_steps, initial=run.step, disable=not acc.is_main_process, desc=obj.desc, dynamic_ncols=True)
@@ -237,6 +243,7 @@ def _run(obj: Objective, data, out, resume, max_steps) -> dict:
                 run.best_valid = score
             acc.wait_for_everyone()
             save_now(is_best)
+        session.end_step(run, lambda: save_now(False))  # a SIGINT/SIGTERM stops here, with this step saved
         if out_of_cpu:
             if acc.is_main_process:
                 tqdm.write(f"train.max_cpu_seconds={tc.max_cpu_seconds:g} reached at step {run.step}")

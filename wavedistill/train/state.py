@@ -183,19 +183,30 @@ def set_threads(train: TrainConfig) -> None:
         torch.set_num_threads(train.num_threads)
 
 
-def check_resume(exp_dir: Path, resume: bool, kind: str, model_cfg, features) -> Path | None:
-    """Return the checkpoint to resume from, or None for a fresh run; refuse unsafe combinations."""
+def check_resume(exp_dir: Path, resume: bool | str | Path, kind: str, model_cfg, features) -> Path | None:
+    """Return the checkpoint to resume from, or None for a fresh run; refuse unsafe combinations.
+
+    ``resume`` is False (fresh run), True (``EXP/checkpoints/latest``) or a checkpoint path (a chosen step).
+    """
     latest = exp_dir / "checkpoints" / "latest"
     if not resume:
         if latest.exists():
             raise UserError(f"{exp_dir} already holds a run; pass --resume to continue it or choose a new --out")
         return None
-    if not latest.exists():
-        raise UserError(f"nothing to resume in {exp_dir} (no checkpoints/latest); drop --resume to start a new run")
-    ckpt = resolve_checkpoint(latest)
+    if resume is True:
+        if not latest.exists():
+            raise UserError(f"nothing to resume in {exp_dir} (no checkpoints/latest); drop --resume to start a new run")
+        ckpt = resolve_checkpoint(latest)
+        where = exp_dir
+    else:
+        ckpt = resolve_checkpoint(resume)
+        where = resume
+        if not (ckpt / "state").is_dir():
+            raise UserError(f"--resume {resume} has no training state (an exported checkpoint?); "
+                            f"pass a step directory under an experiment's checkpoints/")
     cfg = read_checkpoint_config(ckpt)
     if cfg["kind"] != kind:
-        raise UserError(f"{exp_dir} holds a {cfg['kind']} run; it cannot be resumed as {kind} training")
+        raise UserError(f"{where} holds a {cfg['kind']} run; it cannot be resumed as {kind} training")
     now = dataclasses.asdict(model_cfg)
     for key, old in cfg["model"].items():
         if now.get(key) != old:
@@ -259,6 +270,14 @@ def restore(ckpt: Path, model: nn.Module, ema: EMA, optimizer, scheduler, run: R
     trainer = st["trainer"]
     run.load(trainer)
     scheduler.load_state_dict(trainer["scheduler"])
+    # the optimizer was built from the current config: a resume allowed to change train.lr or weight_decay (--force)
+    # uses the new values; unchanged, this recomputes exactly the learning rate the scheduler saved
+    base = [optimizer.defaults["lr"]] * len(optimizer.param_groups)
+    scheduler.base_lrs = base
+    for g, b, lam in zip(optimizer.param_groups, base, scheduler.lr_lambdas):
+        g["initial_lr"], g["weight_decay"] = b, optimizer.defaults["weight_decay"]
+        g["lr"] = b * lam(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     set_rng_state(*st["rng"])
 
 
@@ -324,3 +343,12 @@ def spectrogram_png(audio, sample_rate: int, title: str = "") -> bytes:
     plt.close(fig)
     return buf.getvalue()
 
+
+
+def add_spectrogram(writer, tag: str, audio, sample_rate: int, title: str, step: int) -> None:
+    """A spectrogram image of ``audio`` in TensorBoard (the picture :func:`spectrogram_png` draws)."""
+    import numpy as np
+    from PIL import Image
+
+    png = spectrogram_png(audio, sample_rate, title)
+    writer.add_image(tag, np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), step, dataformats="HWC")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..config import load_config
 from ..models.teacher import Teacher
 from ..nn.distributions import quantize
+from .experiment import explicit_max_steps
 from .loop import Objective, run_training
-from .state import spectrogram_png, valid_segments
+from .state import add_spectrogram, valid_segments
 
 LN2 = math.log(2.0)
 
@@ -90,8 +90,9 @@ class TeacherObjective(Objective):
         return {"step": run.step, "valid_bits": None if last_valid is None else last_valid["nll_bits"], "history": history}
 
 
-def train_teacher(config_path, data, out, overrides=None, max_steps=None, resume=False) -> dict:
-    return run_training(TeacherObjective(load_config(config_path, overrides or [])), data, out, resume, max_steps)
+def train_teacher(config_path, data, out, overrides=None, max_steps=None, resume=False, force=False) -> dict:
+    return run_training(TeacherObjective(load_config(config_path, overrides or [])), data, out, resume, max_steps, force,
+                        explicit_max_steps(max_steps, overrides))
 
 
 @torch.no_grad()
@@ -106,11 +107,5 @@ def _log_sample(model: Teacher, valid, cfg, writer, step: int, exp: Path) -> Non
     sr = cfg.features.sample_rate
     writer.add_audio("sample/generated", y[None], step, sample_rate=sr)
     writer.add_audio("sample/ground_truth", audio[: y.shape[0]][None], step, sample_rate=sr)
-    import io
-
-    from PIL import Image
-
-    png = spectrogram_png(y.numpy(), sr, f"teacher sample, step {step}")
-    img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    writer.add_image("sample/spectrogram", img, step, dataformats="HWC")
+    add_spectrogram(writer, "sample/spectrogram", y.numpy(), sr, f"teacher sample, step {step}", step)
     write_wav(exp / "samples" / f"teacher-step{step:08d}.wav", y.numpy(), sr)
