@@ -21,7 +21,6 @@ against.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch

@@ -50,18 +50,14 @@ the path for other devices and dtypes).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
 import threading
 from pathlib import Path
 
 import torch
 
 from ..nn.distributions import DiscretizedGaussian, DiscretizedMixtureOfLogistics
-from ..errors import UserError
 from .cached import PROJECTION_BLOCK, CachedGenerator, FrameConditioning, GenerationCache
+from ..kernels import cbuild
 from ..nn.wavenet import SQRT_HALF
 
 __all__ = [
@@ -85,38 +81,6 @@ class FastGenUnavailable(RuntimeError):
     """The compiled generator cannot be built or loaded here (see :func:`build_error`)."""
 
 
-def _cpu_tag() -> str:
-    """Short hash of what ``-march=native`` depends on, so builds for different CPUs never mix."""
-    text = platform.machine() + platform.system()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                key = line.split(":", 1)[0].strip()
-                if key in ("flags", "Features", "model name", "cpu family", "model", "CPU part", "CPU implementer"):
-                    text += line
-                if not line.strip() and text:
-                    break  # the first processor is enough
-    except OSError:
-        text += platform.processor()
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-def _source_tag() -> str:
-    """Short hash of the source and flags: a changed source builds into a new directory and never
-    overwrites a library that another process has loaded."""
-    h = hashlib.sha1(_SOURCE.read_bytes())
-    h.update(" ".join(_CFLAGS + _LDFLAGS + [torch.__version__]).encode())
-    return h.hexdigest()[:8]
-
-
-def _build_root() -> Path:
-    if os.environ.get("WAVEDISTILL_EXTENSIONS_DIR"):
-        return Path(os.environ["WAVEDISTILL_EXTENSIONS_DIR"])
-    if os.environ.get("TORCH_EXTENSIONS_DIR"):
-        return Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "wavedistill"
-    return Path.home() / ".cache" / "wavedistill" / "torch_extensions"
-
-
 def _load(verbose: bool = False):
     """Build (once per CPU kind and source version) and load the library; cache the outcome."""
     global _lib, _lib_path, _error
@@ -124,26 +88,9 @@ def _load(verbose: bool = False):
         if _lib is not None or _error is not None:
             return _lib
         try:
-            if os.environ.get("WAVEDISTILL_NO_FASTGEN", "") not in ("", "0"):
+            if cbuild.disabled():
                 raise FastGenUnavailable("disabled by WAVEDISTILL_NO_FASTGEN")
-            if not _SOURCE.is_file():
-                raise FastGenUnavailable(f"source {_SOURCE} is missing (package installed without csrc/)")
-            cpp_log = logging.getLogger("torch.utils.cpp_extension")
-            level = cpp_log.level
-            cpp_log.setLevel(logging.ERROR)  # importing it warns about a CUDA toolkit without a GPU: not our concern
-            try:
-                from torch.utils import cpp_extension
-            finally:
-                cpp_log.setLevel(level)
-
-            name = f"wavedistill_fastgen_{_cpu_tag()}_{_source_tag()}"
-            build_dir = _build_root() / name
-            build_dir.mkdir(parents=True, exist_ok=True)
-            path = cpp_extension.load(
-                name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS,
-                build_directory=str(build_dir), is_python_module=False, with_cuda=False, verbose=verbose,
-            )
-            lib = ctypes.CDLL(str(path))
+            lib, path = cbuild.build("wavedistill_fastgen", _SOURCE, _CFLAGS, _LDFLAGS, verbose)
             if lib.fg_abi_version() != _ABI:
                 raise FastGenUnavailable(f"{path} has ABI {lib.fg_abi_version()}, expected {_ABI}")
             if _PAD % lib.fg_vector_width():
@@ -153,7 +100,7 @@ def _load(verbose: bool = False):
             lib.fg_run.argtypes = [p, p, p, i64, i64, i64, p, i64, i64, i64, p, i64, i64, i64, p, p, i64, i64,
                                    f32, f32, f32, f32, i64, i64, p, p, i64, i64, i64, p]
             lib.fg_ndtri.restype, lib.fg_ndtri.argtypes = ctypes.c_double, [ctypes.c_double]
-            _lib, _lib_path = lib, str(path)
+            _lib, _lib_path = lib, path
         except Exception as e:  # no compiler, no ninja, read-only cache, ...: report, never crash the caller
             _error = f"{type(e).__name__}: {e}".strip()
         return _lib

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.audio import AudioError, MelExtractor, load_audio, write_wav
+from ..data.audio import AudioError, MelExtractor, load_audio
 from ..checkpoint import load_model, resolve_checkpoint
 from ..config import FeatureConfig
 from ..errors import UserError

@@ -28,13 +28,14 @@ Two implementations compute the same thing (to rounding):
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 import os
 import threading
 from pathlib import Path
 
 import torch
+
+from . import cbuild
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "lp_recurrence.cpp"
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno"]
@@ -44,25 +45,6 @@ _lib = None
 _error: str | None = None
 
 
-def _build_dir() -> Path:
-    if os.environ.get("WAVEDISTILL_EXTENSIONS_DIR"):
-        root = Path(os.environ["WAVEDISTILL_EXTENSIONS_DIR"])
-    elif os.environ.get("TORCH_EXTENSIONS_DIR"):
-        root = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "wavedistill"
-    else:
-        root = Path.home() / ".cache" / "wavedistill" / "torch_extensions"
-    tag = hashlib.sha1(_SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + _cpu_text().encode()).hexdigest()[:10]
-    return root / f"wavedistill_lp_recurrence_{tag}"
-
-
-def _cpu_text() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return "".join(line for line in f.read().split("\n\n")[0].splitlines(True) if line.startswith(("flags", "model name")))
-    except OSError:
-        return ""
-
-
 def _load():
     """Build (once per CPU kind and source version) and load the library; ``None`` with :func:`build_error` if impossible."""
     global _lib, _error
@@ -70,22 +52,9 @@ def _load():
         if _lib is not None or _error is not None:
             return _lib
         try:
-            if os.environ.get("WAVEDISTILL_NO_FASTGEN", "") not in ("", "0"):
+            if cbuild.disabled():
                 raise RuntimeError("disabled by WAVEDISTILL_NO_FASTGEN")
-            import logging
-
-            cpp_log = logging.getLogger("torch.utils.cpp_extension")
-            level = cpp_log.level
-            cpp_log.setLevel(logging.ERROR)
-            try:
-                from torch.utils import cpp_extension
-            finally:
-                cpp_log.setLevel(level)
-            build = _build_dir()
-            build.mkdir(parents=True, exist_ok=True)
-            path = cpp_extension.load(name=build.name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
-                                      build_directory=str(build), is_python_module=False, with_cuda=False)
-            lib = ctypes.CDLL(str(path))
+            lib, path = cbuild.build("wavedistill_lp_recurrence", _SOURCE, _CFLAGS)
             if lib.lpr_abi_version() != _ABI:
                 raise RuntimeError(f"{path} has ABI {lib.lpr_abi_version()}, expected {_ABI}")
             p, i64 = ctypes.c_void_p, ctypes.c_int64
