@@ -107,6 +107,10 @@ def test_polyphase_upsampling_matches_stretch_and_convolve(scales):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def _rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
 def _demo_batch(teacher, context, T=800):
     g = torch.Generator().manual_seed(3)
     frames = T // teacher.hop
@@ -134,8 +138,7 @@ def test_teacher_nll_and_gradients_unchanged(reference_formulation):
     ref_loss, ref_grads = _teacher_nll_and_grads(teacher, audio, mel, context)
     assert math.isfinite(ref_loss) and abs(new_loss - ref_loss) <= 1e-5 * abs(ref_loss)
     for name, g in ref_grads.items():
-        torch.testing.assert_close(new_grads[name], g, rtol=2e-3, atol=1e-5 * g.abs().max().item() + 1e-8,
-                                   msg=lambda m: f"{name}: {m}")
+        assert _rel_err(new_grads[name], g) < 1e-4, (name, _rel_err(new_grads[name], g))
 
 
 def _distill_terms(loss_fn, student, z, audio, mel, context):
@@ -163,9 +166,8 @@ def test_distillation_terms_and_gradients_unchanged(reference_formulation):
     for k, v in ref_terms.items():
         assert abs(new_terms[k] - v) <= 1e-4 * max(1.0, abs(v)), (k, new_terms[k], v)
     torch.testing.assert_close(new_x, ref_x, rtol=1e-4, atol=1e-5)
-    for name, g in ref_grads.items():
-        torch.testing.assert_close(new_grads[name], g, rtol=5e-3, atol=1e-4 * g.abs().max().item() + 1e-8,
-                                   msg=lambda m: f"{name}: {m}")
+    for name, g in ref_grads.items():  # float32 through 54 layers and 16 draws: compare whole tensors
+        assert _rel_err(new_grads[name], g) < 1e-3, (name, _rel_err(new_grads[name], g))
 
 
 def test_shipped_checkpoints_same_audio_and_likelihood(reference_formulation):

@@ -233,7 +233,7 @@ def stretch_smooth(u: torch.Tensor, w: torch.Tensor, s: int) -> torch.Tensor:
     j = torch.arange(2 * s + 1, device=w.device)
     r = torch.arange(s, device=w.device)
     phase = torch.div(r[:, None] + j[None, :] - s, s, rounding_mode="floor") + 1  # [s, 2s+1] in {0, 1, 2}
-    a = torch.einsum("j,rjq->qr", w, F.one_hot(phase, 3).to(w.dtype))  # [3, s]
+    a = (w[None, :, None] * F.one_hot(phase, 3).to(w.dtype)).sum(1).t()  # [3, s]
     win = F.pad(u, (1, 1)).unfold(-1, 3, 1)  # [..., F, 3], a view
     return (win @ a.to(u.dtype)).flatten(-2)
 
