@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 CORPUS_DIR ?= /usr/share/asterisk/sounds/en_US_f_Allison
 PYTEST_ARGS ?=
 
-.PHONY: setup corpus test test-fast demo clean
+.PHONY: setup corpus test test-fast demo clean gpu-check
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: setup corpus
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# On a CUDA machine: kernels vs reference, generation and training speed, one JSON (GPU_CHECK_OUT).
+gpu-check: setup
+	PY=$(PY) bash benchmarks/gpu_check.sh
 
 demo: setup corpus
 	bash recipes/demo/run.sh --wav-dir "$(CORPUS_DIR)"

@@ -80,13 +80,14 @@ def wavenet_flops(layers: int, kernel: int, residual: int, gate: int, skip: int,
 
 
 def conditioning_flops(n_mels: int, cond: int, scales: list[int]) -> float:
-    """:class:`~wavedistill.layers.ConditionNet` per output sample: the 5-tap frame conv and the upsampling filters."""
+    """:class:`~wavedistill.layers.ConditionNet` per output sample: the 5-tap frame conv and the upsampling filters
+    (in their polyphase form, :func:`~wavedistill.nn.wavenet.stretch_smooth`: 3 multiply-adds per output value)."""
     hop = math.prod(scales)
     flops = 2 * 5 * n_mels * cond / hop
     rate = 1
     for s in scales:
         rate *= s
-        flops += 2 * (2 * s + 1) * cond * rate / hop
+        flops += 2 * 3 * cond * rate / hop
     return flops
 
 

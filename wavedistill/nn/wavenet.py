@@ -123,6 +123,93 @@ class ResidualLayer(nn.Module):
         skip = self.skip(z) if self.skip is not None else None
         return out, skip
 
+    # ------------------------------------------------------------------ time-major GEMM form
+    def stacked_weight(self, with_cond: bool) -> torch.Tensor:
+        """``[K·R (+ C), G]``: the conv taps, oldest first, then the conditioning projection, as GEMM rows.
+
+        Row block ``k`` multiplies ``x[t − (K−1−k)·d]`` (the conv's tap ``k``); derived from the
+        parameters at every call, so gradients reach ``conv.weight`` and ``cond.weight`` unchanged.
+        """
+        w = self.conv.weight.permute(2, 1, 0).reshape(-1, self.conv.out_channels)  # [K·R, G]
+        if with_cond:
+            w = torch.cat([w, self.cond.weight[:, :, 0].t()], dim=0)
+        return w
+
+    def out_weight(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``([H, R + S], [R + S])``: the residual and skip 1×1 projections side by side (either may be absent)."""
+        mods = [m for m in (self.res, self.skip) if m is not None]
+        if not mods:
+            return None
+        w = torch.cat([m.weight[:, :, 0] for m in mods], dim=0).t()
+        b = torch.cat([m.bias for m in mods])
+        return w, b
+
+    def forward_time_major(self, x: torch.Tensor, c: torch.Tensor | None = None):
+        """The same layer on ``x [B, T, R]`` and ``c [B or 1, T, C]``: ``(out [B, T, R], skip [B, T, S] or None)``.
+
+        Two GEMMs over all ``B·T`` samples: the taps and the conditioning stacked along the
+        reduction, ``[x_{t−(K−1)d} … x_t, c_t] @ stacked_weight``, then the gate and both output
+        projections side by side, ``z @ [W_res | W_skip]``.  Same maths as :meth:`forward`.
+        """
+        B, T, R = x.shape
+        if self.res is None and self.skip is None:
+            return x, None
+        with_cond = self.cond is not None and c is not None
+        if with_cond and not (c.requires_grad or self.cond.weight.requires_grad):
+            # conditioning that needs no gradient (a frozen teacher): its projection is a constant
+            # addend, and backward skips its share of the stacked GEMM
+            cproj = torch.addmm(self.conv.bias, c.expand(B, -1, -1).reshape(B * T, -1), self.cond.weight[:, :, 0].t())
+            stacked = StackTaps.apply(x, None, self.kernel_size, self.dilation)
+            h = torch.addmm(cproj, stacked.view(B * T, -1), self.stacked_weight(False))
+        else:
+            stacked = StackTaps.apply(x, c.expand(B, -1, -1) if with_cond else None, self.kernel_size, self.dilation)
+            h = torch.addmm(self.conv.bias, stacked.view(B * T, -1), self.stacked_weight(with_cond))
+        a, b = h.chunk(2, dim=1)  # chunk, not slicing: its backward concatenates instead of zero-filling
+        z = torch.tanh(a) * torch.sigmoid(b)
+        w, bias = self.out_weight()
+        y = torch.addmm(bias, z, w)
+        if self.res is None:
+            return x, y.view(B, T, -1)
+        if self.skip is None:
+            return (x + y.view(B, T, R)) * SQRT_HALF, None
+        y_res, y_skip = y.split([R, y.shape[1] - R], dim=1)
+        return (x + y_res.view(B, T, R)) * SQRT_HALF, y_skip.view(B, T, -1)
+
+
+class StackTaps(torch.autograd.Function):
+    """``x [B, T, R]``, ``c [B, T, C]`` or None → ``[B, T, K·R (+ C)]`` = ``[x_{t−(K−1)d}, …, x_{t−d}, x_t, c_t]``
+    (zeros before the start): the GEMM operand of a dilated causal convolution.
+
+    One write of the stacked rows forward; backward adds the tap blocks' gradients back, shifted, into
+    one ``[B, T, R]`` gradient (autograd's slicing and padding would zero-fill a full tensor per tap).
+    """
+
+    @staticmethod
+    def forward(ctx, x, c, kernel_size: int, dilation: int):
+        B, T, R = x.shape
+        C = c.shape[2] if c is not None else 0
+        out = x.new_empty(B, T, kernel_size * R + C)
+        for k in range(kernel_size):
+            s = min((kernel_size - 1 - k) * dilation, T)
+            out[:, :s, k * R : (k + 1) * R] = 0
+            out[:, s:, k * R : (k + 1) * R] = x[:, : T - s]
+        if c is not None:
+            out[:, :, kernel_size * R :] = c
+        ctx.shape = (kernel_size, dilation, R, c is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        kernel_size, dilation, R, has_c = ctx.shape
+        T = g.shape[1]
+        gx = g[:, :, (kernel_size - 1) * R : kernel_size * R].clone(memory_format=torch.contiguous_format)
+        for k in range(kernel_size - 1):
+            s = (kernel_size - 1 - k) * dilation
+            if s < T:
+                gx[:, : T - s] += g[:, s:, k * R : (k + 1) * R]
+        gc = g[:, :, kernel_size * R :] if has_c and ctx.needs_input_grad[1] else None
+        return gx, gc, None, None
+
 
 class WaveNet(nn.Module):
     """Causal WaveNet mapping ``x [B, in, T]`` (and ``c [B, cond, T]``) to ``[B, out, T]``.
@@ -193,6 +280,29 @@ class WaveNet(nn.Module):
         return self.head2(F.relu(self.head1(F.relu(h))))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, out, T]``.  PyTorch layers run :meth:`forward_time_major` (GEMMs over ``B·T`` rows);
+        the fused Triton kernels, where :mod:`wavedistill.kernels` selects them, :meth:`forward_channels`."""
+        if kernels.use_fused(x, self.layers[0]):
+            return self.forward_channels(x, c)
+        B, _, T = x.shape
+        h = torch.addmm(self.input.bias, x.transpose(1, 2).reshape(B * T, -1), self.input.weight[:, :, 0].t())
+        h = h.view(B, T, -1)
+        ct = c.transpose(1, 2).contiguous() if c is not None else None
+        skips = None
+        for layer in self.layers:
+            h, s = layer.forward_time_major(h, ct)
+            if s is not None:
+                skips = s if skips is None else skips + s
+        if self.skip_channels > 0:
+            h = skips * math.sqrt(1.0 / len(self.layers))
+        h = F.relu(h).reshape(B * T, -1)
+        h = F.relu(torch.addmm(self.head1.bias, h, self.head1.weight[:, :, 0].t()))
+        y = torch.addmm(self.head2.bias, h, self.head2.weight[:, :, 0].t())
+        return y.view(B, T, -1).transpose(1, 2).contiguous()
+
+    def forward_channels(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """The channel-major formulation ``[B, C, T]`` layer by layer through :meth:`ResidualLayer.forward`
+        (1-D convolutions, or the fused kernels); the reference the time-major path is tested against."""
         h = self.input(x)
         skips = None
         for layer in self.layers:
@@ -202,6 +312,23 @@ class WaveNet(nn.Module):
         if self.skip_channels > 0:
             h = skips * math.sqrt(1.0 / len(self.layers))
         return self.head(h)
+
+
+def stretch_smooth(u: torch.Tensor, w: torch.Tensor, s: int) -> torch.Tensor:
+    """``conv(repeat_interleave(u, s), w)`` along the last axis, ``w`` of ``2s+1`` taps, zero padding ``s``.
+
+    Polyphase form: output sample ``i·s + r`` reads only frames ``i−1, i, i+1``, with weights
+    ``A[q, r] = Σ_{j : ⌊(r+j−s)/s⌋ = q−1} w_j``; so it is one ``[…·F, 3] @ [3, s]`` product over a
+    sliding window (no stretched copy, 3 instead of ``2s+1`` multiply-adds per output, and a
+    backward of the same size).  Equal to the convolution up to float rounding, at the edges too
+    (the conv's zero padding is exactly one zero frame on each side).
+    """
+    j = torch.arange(2 * s + 1, device=w.device)
+    r = torch.arange(s, device=w.device)
+    phase = torch.div(r[:, None] + j[None, :] - s, s, rounding_mode="floor") + 1  # [s, 2s+1] in {0, 1, 2}
+    a = (w[None, :, None] * F.one_hot(phase, 3).to(w.dtype)).sum(1).t()  # [3, s]
+    win = F.pad(u, (1, 1)).unfold(-1, 3, 1)  # [..., F, 3], a view
+    return (win @ a.to(u.dtype)).flatten(-2)
 
 
 class ConditionNet(nn.Module):
@@ -271,6 +398,13 @@ class ConditionNet(nn.Module):
         Linear, and the same filter for every channel (zero padding at the edges), so it commutes
         with any per-frame channel mixing: ``W·upsample(h) == upsample(W·h)`` up to rounding.
         """
+        u = h
+        for s, conv in zip(self.scales, self.smooth):
+            u = stretch_smooth(u, conv.weight.view(-1), s)
+        return u
+
+    def upsample_reference(self, h: torch.Tensor) -> torch.Tensor:
+        """:meth:`upsample` as literally defined (stretch, then the smoothing convolution); for tests."""
         u = h.unsqueeze(1)  # [B, 1, D, F]: the channels are rows of a one-channel image
         for s, conv in zip(self.scales, self.smooth):
             u = conv(u.repeat_interleave(s, dim=3))
