@@ -25,7 +25,7 @@ def exact_trace(fx: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.
     """``tr(∂f/∂x)`` per row, one autograd pass per dimension."""
     tr = torch.zeros(x.shape[0], dtype=fx.dtype, device=fx.device)
     for i in range(x.shape[1]):
-        tr = tr + torch.autograd.grad(fx[:, i].sum(), x, create_graph=create_graph)[0][:, i]
+        tr = tr + torch.autograd.grad(fx[:, i].sum(), x, create_graph=create_graph, retain_graph=True)[0][:, i]
     return tr
 
 
@@ -73,11 +73,11 @@ class _Augmented(nn.Module):
         x = state[0]
         cnf = self.cnf[0]
         cnf.nfe += 1
+        create = torch.is_grad_enabled() and cnf.training_graph  # the caller's grad mode, not the one below
         with torch.enable_grad():
             if not x.requires_grad:
                 x = x.detach().requires_grad_(True)
             fx = self.dynamics(t, x, self.context) if cnf.takes_context else self.dynamics(t, x)
-            create = torch.is_grad_enabled() and cnf.training_graph
             if cnf.trace == "exact":
                 tr = exact_trace(fx, x, create_graph=create)
             else:
