@@ -49,6 +49,14 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flows_demo(args: argparse.Namespace) -> int:
+    from .eval.flows_demo import run_flows_demo
+
+    report = run_flows_demo(args.out, steps=args.steps, quick=args.quick, threads=args.threads, seed=args.seed)
+    print(f"wrote {args.out}/flows_demo.png, flows_demo.json, flows_demo.md ({report['total_seconds']} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="wavedistill", description="Probability density distillation of neural vocoders.")
     from . import __version__
@@ -88,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--card", default=None, help="markdown model card to include as README.md")
     sp.set_defaults(func=_export)
+
+    sp = sub.add_parser("flows-demo", help="fit 2-D toy densities and energies with every flow family; write a PNG and tables")
+    sp.add_argument("--out", required=True, help="output directory (flows_demo.png, .json, .md)")
+    sp.add_argument("--steps", type=int, default=None, help="training steps per fit (default 300 / 200; --quick 15)")
+    sp.add_argument("--quick", action="store_true", help="tiny batches, grids and step counts (seconds; a smoke run)")
+    sp.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=_flows_demo)
 
     from .inference.cli import register
 
