@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from wavedistill.flows import (
     CNF, MAF, ActNorm, FlowDistribution, FlowSequence, HouseholderSylvester, IAFLayer, InvertibleConv1x1,
     MaskedCoupling, OrthogonalizationError, OrthogonalSylvester, Permutation, PlanarFlow, RadialFlow, Scaling,
-    StandardNormal, alternating_mask, audio_dequantizer, exact_trace, hutchinson_trace, image_dequantizer,
+    StandardNormal, VariationalDequantizer, alternating_mask, audio_dequantizer, exact_trace, hutchinson_trace, image_dequantizer,
     orthogonalize,
 )
 from wavedistill.flows import continuous as continuous_mod
@@ -310,6 +310,32 @@ def test_dequantized_nll_bounds_the_exact_discrete_nll():
     with torch.no_grad():
         mc = deq.bits_per_element(model.log_prob(deq.dequantize(k, generator=g)), 2)
     assert abs(mc.mean().item() - bound_bits.item()) < 4 * mc.std().item() / math.sqrt(len(mc))
+
+
+def test_variational_dequantization_is_normalised_and_still_a_bound():
+    torch.manual_seed(0)
+    deq = image_dequantizer(bits=3)
+    model = FlowDistribution(StandardNormal(2), randomize(FlowSequence([Scaling(2, init=1.5),
+                             MaskedCoupling(alternating_mask(2, 0), hidden=8)]).double(), 0.5)).double()
+    vd = VariationalDequantizer(deq, randomize(MaskedCoupling(alternating_mask(2, 1), hidden=8, context_dim=2).double(), 0.5))
+    code = torch.tensor([[2, 5]])
+    # q(u|k) integrates to 1 over the unit square (midpoint rule)
+    n = 300
+    u = (torch.arange(n, dtype=D) + 0.5) / n
+    uu = torch.cartesian_prod(u, u)
+    with torch.no_grad():
+        lq = vd.log_q(code.expand(len(uu), 2), uu)
+        assert abs(lq.exp().mean().item() - 1.0) < 2e-3
+        # the sampling path reports the same log q as the inverse path
+        x, lq_s = vd.sample(code.expand(64, 2), generator=torch.Generator().manual_seed(3))
+        u_s = (x - deq.offset) * deq.scale - code
+        torch.testing.assert_close(vd.log_q(code.expand(64, 2), u_s), lq_s, atol=1e-8, rtol=0)
+        # E_q[log p − log q] + 2 log w ≤ log P(k) (exact bin mass by quadrature)
+        log_mass = (torch.logsumexp(model.log_prob(deq.dequantize(code.expand(len(uu), 2), uu)), 0) - math.log(len(uu))
+                    + 2 * deq.log_bin_width)
+        x, lq_s = vd.sample(code.expand(20000, 2), generator=torch.Generator().manual_seed(4))
+        b = vd.discrete_log_prob_bound(model.log_prob(x), lq_s, 2)
+    assert b.mean().item() <= log_mass.item() + 3 * b.std().item() / math.sqrt(len(b))
 
 
 def test_audio_dequantizer_matches_the_project_grid():

@@ -22,7 +22,7 @@ from .coupling import (
     checkerboard_mask,
     soft_clamp,
 )
-from .dequantization import UniformDequantizer, audio_dequantizer, image_dequantizer
+from .dequantization import UniformDequantizer, VariationalDequantizer, audio_dequantizer, image_dequantizer
 from .distribution import FlowDistribution, StandardLogistic, StandardNormal
 from .glow import ActNorm, InvertibleConv1x1, Squeeze1d, Squeeze2d, unsqueeze1d, unsqueeze2d
 from .made import IAF, MADE, MAF, MADEAffine
@@ -41,7 +41,7 @@ __all__ = [
     "affine_map", "soft_bound", "upcast",
     "CNF", "TimeMLP", "exact_trace", "hutchinson_trace",
     "ChannelCoupling", "MaskedCoupling", "Permutation", "Scaling", "alternating_mask", "checkerboard_mask", "soft_clamp",
-    "UniformDequantizer", "audio_dequantizer", "image_dequantizer",
+    "UniformDequantizer", "VariationalDequantizer", "audio_dequantizer", "image_dequantizer",
     "FlowDistribution", "StandardLogistic", "StandardNormal",
     "ActNorm", "InvertibleConv1x1", "Squeeze1d", "Squeeze2d", "unsqueeze1d", "unsqueeze2d",
     "IAF", "MADE", "MAF", "MADEAffine",

@@ -14,6 +14,10 @@ only gives the teacher more mass; the bound still holds for the flow's own discr
 the ``−log w`` term a continuous density on ``[−1, 1]`` audio reports ~15 bits/sample too few (``log₂ w``
 for ``w = 2/65535``) — not a better model, a different unit.
 
+Variational dequantization (:class:`VariationalDequantizer`, Ho et al. 2019): ``u ~ q(u|k)`` instead of
+uniform, ``log P(k) ≥ E_q[log p(x) − log q(u|k)] + n·log w`` (Jensen again), so the bound stays an upper
+bound on the discrete NLL for any ``q``; a learned ``q`` can tighten it.
+
 Audio grid (:func:`audio_dequantizer`): the project's 16-bit codes ``i = 0..65535`` sit at
 ``x_i = −1 + 2i/65535`` (:func:`wavedistill.nn.distributions.quantize`, half-bin ``1/65535``), so
 ``w = 2/65535`` and bin ``i`` is ``[x_i − 1/65535, x_i + 1/65535)``; an int16 sample ``k ∈ [−32768, 32767]`` is
@@ -26,8 +30,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from ..nn.distributions import HALF_BIN, N_CODES
+from .base import Flow, sum_event
 
 
 @dataclass(frozen=True)
@@ -83,3 +90,41 @@ def int16_to_codes(samples: torch.Tensor) -> torch.Tensor:
 
 def codes_to_int16(codes: torch.Tensor) -> torch.Tensor:
     return (codes.long() - N_CODES // 2).to(torch.int16)
+
+
+class VariationalDequantizer(nn.Module):
+    """``q(u | k)``: ``u = sigmoid(y)``, ``y, ladj = flow(ε, context = bin centres)``, ``ε ~ N(0, I)``.
+
+    ``flow`` is any :class:`~wavedistill.flows.base.Flow` on the data's event shape that takes a context
+    of that same shape (e.g. ``MaskedCoupling(mask, context_dim=D)`` for vectors).
+    ``log q(u|k) = log N(ε) − ladj − Σ log σ'(y)``.
+    """
+
+    def __init__(self, dequantizer: UniformDequantizer, flow: Flow):
+        super().__init__()
+        self.dequantizer, self.flow = dequantizer, flow
+
+    def _log_normal(self, eps):
+        return sum_event(-0.5 * eps * eps - 0.5 * math.log(2 * math.pi), self.flow.event_dims)
+
+    def _log_sigmoid_grad(self, y):
+        return sum_event(F.logsigmoid(y) + F.logsigmoid(-y), self.flow.event_dims)
+
+    def sample(self, codes: torch.Tensor, dtype=torch.float64, generator: torch.Generator | None = None):
+        """``(x, log q(u|k))``: dequantized data and the log-density of its noise."""
+        centres = self.dequantizer.centres(codes, dtype)
+        eps = torch.randn(codes.shape, generator=generator, dtype=dtype, device=codes.device)
+        y, ladj = self.flow(eps, centres)
+        log_q = self._log_normal(eps) - ladj - self._log_sigmoid_grad(y)
+        return self.dequantizer.dequantize(codes, torch.sigmoid(y), dtype), log_q
+
+    def log_q(self, codes: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """``log q(u|k)`` of given noise ``u ∈ (0, 1)`` (through the flow's inverse)."""
+        centres = self.dequantizer.centres(codes, u.dtype)
+        y = torch.log(u) - torch.log1p(-u)
+        eps, ladj_inv = self.flow.inverse(y, centres)
+        return self._log_normal(eps) + ladj_inv - self._log_sigmoid_grad(y)
+
+    def discrete_log_prob_bound(self, log_density: torch.Tensor, log_q: torch.Tensor, n_elements: int) -> torch.Tensor:
+        """``log p(x) − log q(u|k) + n·log w``: in expectation over ``q`` a lower bound on ``log P(k)``."""
+        return log_density - log_q + n_elements * self.dequantizer.log_bin_width
