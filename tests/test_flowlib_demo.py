@@ -38,3 +38,4 @@ def test_flows_demo_bad_input_is_one_line(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "not a directory" in r.stderr
     r = _run("--out", str(tmp_path / "d"), "--steps", "0", cwd=tmp_path)
     assert r.returncode == 2 and "--steps" in r.stderr
+    assert not (tmp_path / "d").exists()  # nothing written before the check
