@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("flows-demo", help="fit 2-D toy densities and energies with every flow family; write a PNG and tables")
     sp.add_argument("--out", required=True, help="output directory (flows_demo.png, .json, .md)")
-    sp.add_argument("--steps", type=int, default=None, help="training steps per fit (default 300 / 200; --quick 15)")
+    sp.add_argument("--steps", type=int, default=None, help="training steps per fit (default 500 for densities, 400 for energies; --quick 15)")
     sp.add_argument("--quick", action="store_true", help="tiny batches, grids and step counts (seconds; a smoke run)")
     sp.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     sp.add_argument("--seed", type=int, default=0)
