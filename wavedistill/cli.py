@@ -99,6 +99,14 @@ def _add_training_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
 
 
+def _flows_demo(args: argparse.Namespace) -> int:
+    from .eval.flows_demo import run_flows_demo
+
+    report = run_flows_demo(args.out, steps=args.steps, quick=args.quick, threads=args.threads, seed=args.seed)
+    print(f"wrote {args.out}/flows_demo.png, flows_demo.json, flows_demo.md ({report['total_seconds']} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="wavedistill", description="Probability density distillation of neural vocoders.", allow_abbrev=False,
@@ -153,6 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("info", help="describe a checkpoint, or list the checkpoints under a directory", allow_abbrev=False)
     sp.add_argument("path", metavar="CKPT|DIR", help="a checkpoint directory, or any directory to search for checkpoints")
     sp.set_defaults(func=_info)
+
+    sp = sub.add_parser("flows-demo", help="fit 2-D toy densities and energies with every flow family; write a PNG and tables",
+                        allow_abbrev=False)
+    sp.add_argument("--out", required=True, help="output directory (flows_demo.png, .json, .md)")
+    sp.add_argument("--steps", type=int, default=None, help="training steps per fit (default 500 for densities, 400 for energies; --quick 15)")
+    sp.add_argument("--quick", action="store_true", help="tiny batches, grids and step counts (seconds; a smoke run)")
+    sp.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    sp.add_argument("--seed", type=int, default=0, help="random seed of data, initialisation and batches (default 0)")
+    sp.set_defaults(func=_flows_demo)
 
     from .inference.cli import register
 
