@@ -128,6 +128,41 @@ def run_training(objective: Objective, data, out, resume: bool | str = False, ma
         return _run(objective, data, out, max_steps, session)  # train.kernels applies to this run only
 
 
+def _build(obj: Objective, acc, cache: FeatureCache, ckpt):
+    """The seeded model (warm-started or restored), its EMA, Adam, the schedule and the run counters."""
+    tc = obj.cfg.train
+    torch.manual_seed(tc.seed)
+    model = obj.build_model()
+    apply_init_from(acc, model, tc, ckpt, obj.kind, obj.cfg.features)
+    model.cond.set_stats(*cache.mel_stats())
+    ema = EMA(model, tc.ema_decay)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
+    run = RunState()
+    if ckpt is not None:
+        restore(ckpt, model, ema, opt, sched, run)
+        run.last_good = ckpt
+    return model, ema, opt, sched, run
+
+
+def _accumulate(obj: Objective, acc, model, sampler, run: RunState, rank: int, world: int):
+    """Forward and backward over ``grad_accum`` micro-batches: ``(ok, terms, last audio batch)``."""
+    tc = obj.cfg.train
+    step_terms: dict[str, float] = {}
+    for micro in range(tc.grad_accum):
+        index = run.step * tc.grad_accum + micro
+        audio, mel = sampler.batch(index, tc.batch_size, rank, world)
+        audio, mel = audio.to(acc.device), mel.to(acc.device)
+        with (acc.no_sync(model) if micro < tc.grad_accum - 1 else contextlib.nullcontext()), acc.autocast():
+            total, terms = obj.loss(model, audio, mel, index, rank, world)
+        if not torch.isfinite(total):
+            return False, step_terms, audio
+        acc.backward(total / tc.grad_accum)
+        for key, v in terms.items():
+            step_terms[key] = step_terms.get(key, 0.0) + v / tc.grad_accum
+    return True, step_terms, audio
+
+
 def _run(obj: Objective, data, out, max_steps, session: Session) -> dict:
     cfg = obj.cfg
     if max_steps is not None:
@@ -146,17 +181,7 @@ def _run(obj: Objective, data, out, max_steps, session: Session) -> dict:
     obj.setup_frozen(acc)
     train_set = cache.load_split("train")
     valid_set = cache.load_split("valid") or train_set[:2]
-    torch.manual_seed(tc.seed)
-    model = obj.build_model()
-    apply_init_from(acc, model, tc, ckpt, obj.kind, cfg.features)
-    model.cond.set_stats(*cache.mel_stats())
-    ema = EMA(model, tc.ema_decay)
-    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
-    run = RunState()
-    if ckpt is not None:
-        restore(ckpt, model, ema, opt, sched, run)
-        run.last_good = ckpt
+    model, ema, opt, sched, run = _build(obj, acc, cache, ckpt)
     model, opt = acc.prepare(model, opt)
     raw = acc.unwrap_model(model)
     context = obj.attach(acc, model, raw)
@@ -185,19 +210,7 @@ def _run(obj: Objective, data, out, max_steps, session: Session) -> dict:
     t_start, samples_seen, cpu_mark = time.perf_counter(), 0, time.process_time()
     while run.step < tc.max_steps:
         opt.zero_grad(set_to_none=True)
-        ok, step_terms = True, {}
-        for micro in range(tc.grad_accum):
-            index = run.step * tc.grad_accum + micro
-            audio, mel = sampler.batch(index, tc.batch_size, rank, world)
-            audio, mel = audio.to(acc.device), mel.to(acc.device)
-            with (acc.no_sync(model) if micro < tc.grad_accum - 1 else contextlib.nullcontext()), acc.autocast():
-                total, terms = obj.loss(model, audio, mel, index, rank, world)
-            if not torch.isfinite(total):
-                ok = False
-                break
-            acc.backward(total / tc.grad_accum)
-            for key, v in terms.items():
-                step_terms[key] = step_terms.get(key, 0.0) + v / tc.grad_accum
+        ok, step_terms, audio = _accumulate(obj, acc, model, sampler, run, rank, world)
         if ok:  # the total norm is non-finite exactly when some gradient is: no separate pass over them
             gnorm = acc.clip_grad_norm_(model.parameters(), tc.grad_clip)
             ok = bool(torch.isfinite(torch.as_tensor(gnorm)))
