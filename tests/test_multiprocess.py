@@ -124,7 +124,7 @@ def test_distill_two_processes_match_one_and_resume(tmp_path, cache):
     first = launch([*base, "--max-steps", "2"], tmp_path)
     _check_two_process_run(first, exp, "student", runs=1, start=0)
     diff2 = _compare(exp / "checkpoints" / "step-00000002", ref / "checkpoints" / "step-00000002")
-    second = launch([*base, "--resume"], tmp_path)
+    second = launch([*base, "--max-steps", "4", "--resume"], tmp_path)  # a resume keeps the run's target (2) unless told
     _check_two_process_run(second, exp, "student", runs=2, start=2)
     assert [d.name for d in h.step_dirs(exp)] == ["step-00000002", "step-00000004"]
     diff4 = _compare(resolve_checkpoint(exp), ref / "checkpoints" / "step-00000004")
