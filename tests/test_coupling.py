@@ -184,3 +184,22 @@ def test_train_flow_resume_and_synthesize_cli(tmp_path):
     assert sr == 8000 and y.shape[0] == 4000 // 80 * 80 and np.isfinite(y).all()
     bad = cli("train-flow", "--config", conf, "--data", tmp_path / "missing", "--out", tmp_path / "exp2")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_likelihood_table_baseline_and_coupling_bound():
+    from wavedistill.eval.likelihood import gaussian_baseline_bits, model_bits
+
+    sd = 0.1
+    audio = sd * torch.randn(32000, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    expected = 0.5 * math.log2(2 * math.pi * math.e * sd * sd) - math.log2(2 / 65535)  # differential entropy − log2 w
+    assert gaussian_baseline_bits(audio, 8000, 80) == pytest.approx(expected, abs=0.01)
+    model = make_model(seed=11)
+    voc = Vocoder(model, FEATURES, {"kind": "coupling"})
+    a = 0.1 * torch.randn(800, generator=torch.Generator().manual_seed(10))
+    mel = torch.randn(16, 10)
+    bits = model_bits(voc, a, mel, seed=0)
+    x = dequantize_audio(a[None], torch.Generator().manual_seed(0))
+    assert bits == pytest.approx(bits_per_sample(model(x, mel[None]), 800).item(), rel=1e-6)
+    student_like = Vocoder(model, FEATURES, {"kind": "coupling"})
+    student_like.model = type("S", (), {"kind": "student", "cfg": None})()
+    assert model_bits(student_like, a, mel) is None
