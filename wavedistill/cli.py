@@ -49,7 +49,7 @@ def _train_flow(args: argparse.Namespace) -> int:
 
     _resume_or_override(args)
     train_flow(args.config, args.data, args.out, overrides=args.overrides, max_steps=args.max_steps, resume=args.resume,
-               force=args.force)
+               force=args.force, teacher=args.teacher)
     return 0
 
 
@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train a coupling-flow vocoder on uniformly dequantized 16-bit audio. Ctrl-C (SIGINT) "
                         "or SIGTERM finishes the current step, writes a checkpoint and exits 130/143; a second signal exits at once.")
     sp.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/demo/conf/coupling.yaml")
+    sp.add_argument("--teacher", default=None,
+                    help="distil this teacher checkpoint into the flow (KL(flow||teacher) + STFT) instead of maximum likelihood")
     _add_training_options(sp)
     sp.set_defaults(func=_train_flow)
 

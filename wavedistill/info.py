@@ -50,7 +50,7 @@ def summary(path: str | Path) -> dict:
     params = parameter_count(ckpt / "model.safetensors")
     state_params = ckpt / "state" / "params.safetensors"
     metric = {"teacher": "valid NLL (bits/sample)", "coupling": "valid dequantized NLL bound (bits/sample)"}.get(
-        cfg["kind"], "valid KL + stft_weight·STFT")
+        cfg["kind"], "valid KL + stft_weight·STFT") if not cfg.get("teacher") else "valid KL + stft_weight·STFT"
     return {
         "path": str(ckpt),
         "kind": cfg["kind"],

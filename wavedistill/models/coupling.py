@@ -159,20 +159,28 @@ class CouplingVocoder(nn.Module):
         z, _ = self.squeeze.inverse(torch.cat(early + [h], dim=1))
         return z[:, 0], ladj
 
-    def inverse(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Noise → data in one parallel pass: ``z [B, T]``, ``c [B, C, T]`` → ``x [B, T]``."""
+    def inverse_and_log_det(self, z: torch.Tensor, c: torch.Tensor):
+        """Noise → data in one parallel pass: ``z [B, T]``, ``c [B, C, T]`` → ``(x [B, T], log|det ∂x/∂z| [B])``.
+
+        The log-determinant gives the sample's own density, ``log q(x) = log N(z) − log|det ∂x/∂z|``, and the
+        entropy ``H(q) = T/2·log(2πe) + E[log|det ∂x/∂z|]`` (what distillation into this flow reads)."""
         if z.shape[-1] % self.group:
             raise ValueError(f"length {z.shape[-1]} is not a multiple of group {self.group}")
-        zz, _ = self.squeeze(z[:, None])
+        zz, ladj = self.squeeze(z[:, None])
         ctx = self._fold(c.to(z.dtype))
         e = self.cfg.early_channels
         early = [zz[:, i * e: (i + 1) * e] for i in range(len(self.early_at))]
         h = zz[:, len(self.early_at) * e:]
         for k in reversed(range(len(self.steps))):
-            h, _ = self.steps[k].inverse(h, ctx)
+            h, ld = self.steps[k].inverse(h, ctx)
+            ladj = ladj + ld
             if k in self.early_at:
                 h = torch.cat([early.pop(), h], dim=1)
-        return self.squeeze.inverse(h)[0][:, 0]
+        return self.squeeze.inverse(h)[0][:, 0], ladj
+
+    def inverse(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Noise → data in one parallel pass: ``z [B, T]``, ``c [B, C, T]`` → ``x [B, T]``."""
+        return self.inverse_and_log_det(z, c)[0]
 
     def log_prob_from_cond(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """``log p(x | c)`` of a continuous waveform, summed over samples: ``[B]``."""
