@@ -87,3 +87,27 @@ def test_demo_recipe_rejects_an_unknown_variant(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown --variant wavernn" in proc.stderr
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.slow
+def test_demo_recipe_coupling_variant_runs_end_to_end(tmp_path):
+    """`run.sh --variant coupling`: prepare, train-flow, (no distillation), synthesis and eval of the coupling flow."""
+    wavs = corpus_subset(tmp_path, 8)
+    data, exp = tmp_path / "data", tmp_path / "exp"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    overrides = TINY.replace("distill.ce_samples=2", "coupling.residual_channels=8")
+    proc = subprocess.run(
+        ["bash", str(REPO / "recipes" / "demo" / "run.sh"), "--variant", "coupling", "--wav-dir", str(wavs),
+         "--data", str(data), "--exp", str(exp), "--stop-stage", "5", "--utterances", "1", "--overrides", overrides],
+        capture_output=True, text=True, timeout=900, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage 3: distill: skipped" in proc.stdout
+    flow = yaml.safe_load((exp / "coupling" / "checkpoints" / "latest" / "config.yaml").read_text())
+    assert flow["kind"] == "coupling" and flow["model"]["group"] == 8 and flow["model"]["residual_channels"] == 8
+    assert not (exp / "teacher").exists() and not (exp / "student").exists()
+    assert len(list((exp / "wav" / "coupling").glob("*.wav"))) == 1
+    systems = set(json.loads((exp / "report" / "metrics.json").read_text())["systems"])
+    shipped = REPO / "checkpoints" / "demo" / "student" / "model.safetensors"
+    assert "griffin_lim" in systems and any(n.startswith("coupling") for n in systems)
+    assert len(systems) == 1 + (2 if shipped.exists() else 1)

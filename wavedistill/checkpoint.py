@@ -28,12 +28,12 @@ import torch
 import yaml
 
 from .version import __version__
-from .config import FeatureConfig, StudentConfig, TeacherConfig, section_from_dict
+from .config import CouplingConfig, FeatureConfig, StudentConfig, TeacherConfig, section_from_dict
 from .errors import UserError
 from .fileio import atomic_directory, atomic_symlink, describe_os_error, load_tensors, tensors_to_bytes
 
 STEP_RE = re.compile(r"^step-(\d{8})$")
-KINDS = {"teacher": TeacherConfig, "student": StudentConfig}
+KINDS = {"teacher": TeacherConfig, "student": StudentConfig, "coupling": CouplingConfig}
 
 
 # --------------------------------------------------------------------------- optimizer state
@@ -183,7 +183,7 @@ def read_checkpoint_config(path: str | Path) -> dict:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"{p / 'config.yaml'} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(cfg, dict) or cfg.get("kind") not in KINDS:
-        raise UserError(f"{p / 'config.yaml'} does not describe a teacher or student checkpoint (missing or unknown 'kind')")
+        raise UserError(f"{p / 'config.yaml'} does not describe a teacher, student or coupling checkpoint (missing or unknown 'kind')")
     for key in ("model", "features"):
         if not isinstance(cfg.get(key), dict):
             raise UserError(f"{p / 'config.yaml'} lacks its '{key}' section; the checkpoint is incomplete")
@@ -203,6 +203,10 @@ def build_model(cfg: dict):
         from .models.teacher import Teacher
 
         return Teacher(model_cfg, features.n_mels, features), features
+    if cfg["kind"] == "coupling":
+        from .models.coupling import CouplingVocoder
+
+        return CouplingVocoder(model_cfg, features.n_mels, features), features
     from .models.student import Student
 
     return Student(model_cfg, features.n_mels, features), features

@@ -44,6 +44,15 @@ def _train_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_flow(args: argparse.Namespace) -> int:
+    from .train.coupling import train_flow
+
+    _resume_or_override(args)
+    train_flow(args.config, args.data, args.out, overrides=args.overrides, max_steps=args.max_steps, resume=args.resume,
+               force=args.force, teacher=args.teacher)
+    return 0
+
+
 def _distill(args: argparse.Namespace) -> int:
     from .train.distill import distill
 
@@ -133,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/demo/conf/teacher.yaml")
     _add_training_options(sp)
     sp.set_defaults(func=_train_teacher)
+
+    sp = sub.add_parser("train-flow", help="train a coupling-flow vocoder (WaveGlow family) by maximum likelihood",
+                        allow_abbrev=False,
+                        description="Train a coupling-flow vocoder on uniformly dequantized 16-bit audio. Ctrl-C (SIGINT) "
+                        "or SIGTERM finishes the current step, writes a checkpoint and exits 130/143; a second signal exits at once.")
+    sp.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/demo/conf/coupling.yaml")
+    sp.add_argument("--teacher", default=None,
+                    help="distil this teacher checkpoint into the flow (KL(flow||teacher) + STFT) instead of maximum likelihood")
+    _add_training_options(sp)
+    sp.set_defaults(func=_train_flow)
 
     sp = sub.add_parser("distill", help="distill a trained teacher into a parallel IAF student", allow_abbrev=False,
                         description="Distill a frozen teacher into an IAF student. Ctrl-C (SIGINT) or SIGTERM finishes "

@@ -1,7 +1,7 @@
 """Configuration: YAML files mapped onto dataclasses, with typed overrides.
 
-A recipe config has up to six sections (``features``, ``prepare``, ``teacher``,
-``student``, ``train``, ``distill``); each maps onto one dataclass below, and
+A recipe config has up to seven sections (``features``, ``prepare``, ``teacher``,
+``student``, ``train``, ``distill``, ``coupling``); each maps onto one dataclass below, and
 every section is optional (defaults apply).  Unknown keys and wrong types are
 :class:`~wavedistill.errors.UserError`.  Overrides are ``section.key=value``
 strings whose value is parsed as YAML and checked against the field's type.
@@ -140,6 +140,38 @@ class StudentConfig:
 
 
 @dataclass
+class CouplingConfig:
+    """Coupling-flow vocoder, WaveGlow family (constructor arguments of :class:`CouplingVocoder`)."""
+
+    group: int = 8
+    steps: int = 6
+    early_every: int = 3
+    early_channels: int = 2
+    layers: int = 4
+    residual_channels: int = 32
+    kernel_size: int = 3
+    cond_channels: int = 32
+    upsample_scales: list[int] = field(default_factory=list)  # [] = factor features.hop_length automatically
+    clamp: float = 5.0
+
+    def validate(self, features: FeatureConfig | None = None) -> None:
+        _positive(self, "group", "steps", "layers", "residual_channels", "cond_channels", "clamp")
+        if self.group < 2:
+            raise UserError(f"coupling.group={self.group} must be >= 2 (a coupling splits the group's channels)")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise UserError(f"coupling.kernel_size={self.kernel_size} must be odd (the coupling net is centred)")
+        if self.early_every < 0 or self.early_channels < 0:
+            raise UserError("coupling.early_every and coupling.early_channels must be >= 0 (0 disables early outputs)")
+        n_early = (self.steps - 1) // self.early_every if self.early_every and self.early_channels else 0
+        if self.group - n_early * self.early_channels < 2:
+            raise UserError(f"coupling: {n_early} early outputs of {self.early_channels} channels leave fewer than 2 of "
+                            f"coupling.group={self.group} channels; lower early_channels or raise early_every")
+        if features is not None and features.hop_length % self.group:
+            raise UserError(f"features.hop_length ({features.hop_length}) must be a multiple of coupling.group ({self.group})")
+        _check_scales(self, "coupling", features)
+
+
+@dataclass
 class TrainConfig:
     """Optimisation and bookkeeping shared by teacher training and distillation."""
 
@@ -228,6 +260,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    coupling: CouplingConfig = field(default_factory=CouplingConfig)
 
     def validate(self) -> "Config":
         self.features.validate()
@@ -236,6 +269,7 @@ class Config:
         self.student.validate(self.features)
         self.train.validate()
         self.distill.validate()
+        self.coupling.validate()  # the checks against features run where a coupling model is built
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -325,6 +359,16 @@ KEY_DOCS: dict[str, str] = {
     "distill.student_log_scale_min": "student log-scale clip before the KL",
     "distill.kl_clip_min": "lower clip of the per-step KL",
     "distill.kl_clip_max": "upper clip of the per-step KL",
+    "coupling.group": "samples folded into channels by the squeeze (WaveGlow: 8); divides hop_length",
+    "coupling.steps": "flow steps, each ActNorm -> invertible 1x1 conv -> affine coupling",
+    "coupling.early_every": "output early_channels to the Gaussian after every this many steps (0 = no early outputs)",
+    "coupling.early_channels": "channels sent to the base distribution at each early output",
+    "coupling.layers": "layers of each coupling's non-causal WaveNet (dilations 1, 2, 4, ...)",
+    "coupling.residual_channels": "channels of each coupling WaveNet's residual stream",
+    "coupling.kernel_size": "width of the coupling WaveNet's centred dilated convolutions (odd)",
+    "coupling.cond_channels": "channels of the upsampled mel conditioning (times group after the fold)",
+    "coupling.upsample_scales": "mel upsampling factors; their product must be hop_length ([] = derive)",
+    "coupling.clamp": "soft bound of the coupling log-scales (clamp*(2/pi)*atan(s/clamp))",
 }
 
 
@@ -387,6 +431,7 @@ _SECTION_OF = {
     StudentConfig: "student",
     TrainConfig: "train",
     DistillConfig: "distill",
+    CouplingConfig: "coupling",
 }
 
 

@@ -49,11 +49,12 @@ def summary(path: str | Path) -> dict:
         step = int(ckpt.name[5:])
     params = parameter_count(ckpt / "model.safetensors")
     state_params = ckpt / "state" / "params.safetensors"
-    metric = "valid NLL (bits/sample)" if cfg["kind"] == "teacher" else "valid KL + stft_weight·STFT"
+    metric = {"teacher": "valid NLL (bits/sample)", "coupling": "valid dequantized NLL bound (bits/sample)"}.get(
+        cfg["kind"], "valid KL + stft_weight·STFT") if not cfg.get("teacher") else "valid KL + stft_weight·STFT"
     return {
         "path": str(ckpt),
         "kind": cfg["kind"],
-        "output": cfg["model"].get("output") or cfg["model"].get("distribution"),
+        "output": cfg["model"].get("output") or cfg["model"].get("distribution") or ("gaussian" if cfg["kind"] == "coupling" else None),
         "parameters": params,
         "size_bytes": (ckpt / "model.safetensors").stat().st_size,
         "trainable_state": state_params.is_file(),

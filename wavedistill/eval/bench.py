@@ -10,6 +10,7 @@ and with ``torch.cuda.synchronize`` around GPU work, the median of
 * ``teacher-cached-fused`` — :class:`wavedistill.fastgen.FastCachedGenerator`,
   when that module exists and reports itself available (CPU only);
 * ``student``        — one parallel pass of :meth:`Student.synthesize` on ``S`` seconds;
+* ``coupling``       — one parallel inverse pass of :meth:`CouplingVocoder.synthesize` on ``S`` seconds;
 * ``griffin-lim``    — librosa mel inversion + 32 Griffin-Lim iterations (CPU).
 
 The entries above run the reference PyTorch layers.  On CUDA, with ``triton``
@@ -135,6 +136,20 @@ def student_flops_per_sample(student) -> float:
     return flows + conditioning_flops(student.n_mels, cfg.cond_channels, student.cond.scales)
 
 
+def coupling_flops_per_sample(model) -> float:
+    """One parallel inverse pass of the coupling flow: every step's 1×1 conv and coupling WaveNet at grouped rate."""
+    cfg, g = model.cfg, model.group
+    total = 0.0
+    for step in model.steps:
+        net = step.flows[2].net
+        c, R, L = step.flows[1].lower.shape[0], net.channels, net.layers
+        per_position = (2 * c * c + 2 * net.kept * R + 2 * cfg.cond_channels * g * 2 * R * L
+                        + 2 * cfg.kernel_size * R * 2 * R * L + 2 * R * 2 * R * (L - 1) + 2 * R * R
+                        + 2 * R * net.end.out_channels)
+        total += per_position / g
+    return total + conditioning_flops(model.n_mels, cfg.cond_channels, model.cond.scales)
+
+
 def griffin_lim_flops_per_sample(n_fft: int, hop: int, n_iter: int = GRIFFIN_LIM_ITERS) -> float:
     """Estimate: per iteration one STFT and one inverse STFT, each ~5·N·log2(N) per frame (mel inversion not counted)."""
     return n_iter * 2 * 5 * n_fft * math.log2(n_fft) / hop
@@ -240,6 +255,8 @@ def _bench_fused(voc, seconds: float, repeats: int, peak: float, temperature: fl
     """The parallel passes through the reference layers and through the fused kernels, side by side (CUDA)."""
     model, fc, dev = voc.model, voc.features, voc.device
     name = str(voc.path)
+    if voc.kind == "coupling":
+        return []  # no fused kernels for the coupling flow: its reference pass is already parallel
     persistent = ["teacher-persistent", f"teacher-persistent-x{PERSISTENT_STREAMS}"]
     names = ["student-fused"] if voc.kind == "student" else ["teacher-scoring", "teacher-scoring-fused"] + persistent
     reason = fused_unavailable(dev)
@@ -291,6 +308,10 @@ def _bench_reference(voc, seconds: float, repeats: int, peak: float, temperature
     if voc.kind == "student":
         times = time_call(lambda: model.synthesize(mel, seed=0, temperature=temperature), dev, repeats)
         results.append(_entry("student", name, dev, sr, samples, times, student_flops_per_sample(model), peak))
+        return results
+    if voc.kind == "coupling":
+        times = time_call(lambda: model.synthesize(mel, seed=0, temperature=temperature), dev, repeats)
+        results.append(_entry("coupling", name, dev, sr, samples, times, coupling_flops_per_sample(model), peak))
         return results
 
     naive_mel = bench_mel(fc, min(seconds, NAIVE_MAX_SECONDS), dev, voc.dtype)

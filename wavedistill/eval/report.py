@@ -48,6 +48,7 @@ from ..config import FeatureConfig
 from ..data.cache import FeatureCache
 from ..errors import UserError
 from ..fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, describe_os_error
+from .likelihood import GAUSSIAN_BASELINE, LIKELIHOOD_SECONDS, WHAT, gaussian_baseline_bits, likelihood_table, model_bits
 
 METRICS = ("pesq", "stoi", "mcd_db", "log_mel_l1", "spectral_convergence", "f0_rmse_cents", "vuv_error")
 HIGHER_IS_BETTER = {"pesq": True, "stoi": True, "mcd_db": False, "log_mel_l1": False, "spectral_convergence": False,
@@ -385,6 +386,7 @@ def render_report(result: dict, pngs: list[tuple[str, str]]) -> str:
         "",
         *metrics_table(result),
         "",
+        *([*likelihood_table(result), ""] if likelihood_table(result) else []),
         "Systems:",
         "",
     ]
@@ -517,6 +519,7 @@ def run_eval(checkpoints: list[str], data: str | Path | None, out: str | Path, s
     scorer = Scorer(fc)
     per_utt: dict[str, dict[str, dict]] = {s: {} for s in systems}
     pngs: list[tuple[str, str]] = []
+    lk_utt: dict[str, list] = {n: [] for n in [GAUSSIAN_BASELINE] + names}
     planned = [f"wav/{n}/{u}.wav" for n in systems for u in ids] + [f"spectrograms/{u}.png" for u in ids[:spectrograms]]
     try:
         _prepare_out(out, planned + ["metrics.json", "report.md"])
@@ -531,6 +534,9 @@ def run_eval(checkpoints: list[str], data: str | Path | None, out: str | Path, s
                     entry["null_reasons"] = reasons
                 per_utt[name][uttid] = entry
                 write_wav(out / "wav" / name / f"{uttid}.wav", y, fc.sample_rate)
+            lk_utt[GAUSSIAN_BASELINE].append(gaussian_baseline_bits(audio, fc.sample_rate, fc.hop_length))
+            for name, voc in zip(names, vocoders):
+                lk_utt[name].append(model_bits(voc, audio, mel, seed))
             if idx < spectrograms:
                 panels = [("ground truth", scorer.log_mel(audio))] + [
                     ("Griffin-Lim" if n == GRIFFIN_LIM else n, scorer.log_mel(outputs[n])) for n in systems
@@ -555,11 +561,18 @@ def run_eval(checkpoints: list[str], data: str | Path | None, out: str | Path, s
         for name in systems:
             means, counts = _means(per_utt[name])
             result["systems"][name] = {"mean": means, "count": counts, "per_utterance": per_utt[name]}
+        result["likelihood"] = {
+            "seconds": LIKELIHOOD_SECONDS,
+            "bits_per_sample": {n: (None if any(b is None for b in v) else sum(v) / len(v)) for n, v in lk_utt.items()},
+            "per_utterance": {n: dict(zip(ids, v)) for n, v in lk_utt.items()},
+            "what": {n: WHAT.get(n if n == GAUSSIAN_BASELINE else v.kind, "no tractable likelihood")
+                     for n, v in [(GAUSSIAN_BASELINE, None)] + list(zip(names, vocoders))},
+        }
         atomic_write_json(out / "metrics.json", result)
         report = render_report(result, pngs)
         atomic_write_text(out / "report.md", report)
     except OSError as e:
         raise UserError(describe_os_error(e, f"the report under {out}")) from None
-    print("\n".join(metrics_table(result)))
+    print("\n".join(metrics_table(result) + ([""] + likelihood_table(result) if likelihood_table(result) else [])))
     print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
     return result

@@ -1,4 +1,4 @@
-"""Synthesis from log-mels: one :class:`Vocoder` for teacher and student checkpoints.
+"""Synthesis from log-mels: one :class:`Vocoder` for teacher, student and coupling checkpoints.
 
 ``Vocoder.load(CKPT).synthesize(mel, seed=0)`` returns ``frames*hop`` samples.
 Long inputs can be synthesised in chunks of ``chunk_frames`` frames without
@@ -10,6 +10,8 @@ one unchunked pass.
   ``ceil(receptive_field/hop)+1`` frames of extra output on the left that are
   thrown away, so the causal flows have their full history.  Noise is
   positional (sample ``t`` is fixed by ``(seed, t)``), so chunks agree.
+* Coupling flow: non-causal, so each chunk is computed with ``ceil(half_width/hop)+1`` frames of extra
+  output on both sides (thrown away) besides the conditioning's frame context; positional noise.
 * Teacher: one generation cache (ring buffers and the previous sample) is
   carried from chunk to chunk by ``CachedGenerator.run``; conditioning is computed per chunk with frame context on both
   sides; the noise for the whole utterance is drawn once from the seed.
@@ -203,6 +205,9 @@ class Vocoder:
         emit = sink or (lambda i, x: outs[i].append(x))
         if self.kind == "student":
             self._student(mels, frames, int(seed), rows, float(temperature), chunk, progress, emit)
+        elif self.kind == "coupling":
+            self._speaker(speaker, len(mels))  # single-speaker: refuses a speaker id
+            self._coupling(mels, frames, int(seed), rows, float(temperature), chunk, progress, emit)
         else:
             spk = self._speaker(speaker, len(mels))
             self._teacher(mels, frames, int(seed), rows, float(temperature), chunk, spk, progress, emit)
@@ -264,6 +269,23 @@ class Vocoder:
                 done += (e_i - s) * hop
             if progress is not None:
                 progress(done)
+
+    def _coupling(self, mels, frames, seed, rows, temperature, chunk, progress, emit: Sink) -> None:
+        """Coupling flow (non-causal, finite receptive field): each chunk ``[s, e)`` is computed over
+        ``[s − pad, e + pad)`` frames (clipped to the utterance), ``pad`` covering the model's half-width, and
+        cropped; noise is positional.  Items run one at a time, so no item sees another's padding."""
+        model, hop = self.model, self.hop
+        pad = math.ceil(model.half_width / hop) + 1
+        for i, (mel, f) in enumerate(zip(mels, frames)):
+            for s in range(0, f, chunk):
+                e = min(s + chunk, f)
+                a, b = max(0, s - pad), min(f, e + pad)
+                c = self._cond_window(mel, a, b)[None]
+                z = _row(lambda n: model.make_noise(n, (b - a) * hop, seed, self.device, self.dtype, offset=a * hop), rows[i])
+                x = model.inverse(z[None] * temperature, c)[0].clamp(-1.0, 1.0)
+                emit(i, x[(s - a) * hop: (e - a) * hop])
+                if progress is not None:
+                    progress((e - s) * hop)
 
     def _teacher(self, mels, frames, seed, rows, temperature, chunk, speaker, progress, emit: Sink) -> None:
         from ..generation.select import make_generator

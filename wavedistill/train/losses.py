@@ -62,6 +62,19 @@ def gaussian_kl(mu_q: torch.Tensor, log_s_q: torch.Tensor, mu_p: torch.Tensor, l
     return log_s_p - log_s_q + (torch.exp(2 * log_s_q) + (mu_p - mu_q) ** 2) / (2 * torch.exp(2 * log_s_p)) - 0.5
 
 
+def flow_kl_terms(ladj_inv: torch.Tensor, teacher_log_density: torch.Tensor, elements: int):
+    """KL(q‖p) for a flow sample ``x = f(z)``, ``z ~ N(0, I)``, per element: ``(kl, cross_entropy, entropy)``, each ``[B]``.
+
+    Entropy from the log-determinant, ``H(q) = n/2·log(2πe) + log|det ∂x/∂z|`` (exact in expectation, no density of
+    ``x`` needed); cross-entropy ``−log p(x)`` from one teacher pass over the reparametrised sample (its continuous
+    density, ``x`` never quantised); ``kl = cross_entropy − entropy`` — the entropy counted once.
+    ``ladj_inv`` and ``teacher_log_density`` are summed over the ``elements`` values of each item.
+    """
+    entropy = GAUSSIAN_ENTROPY_CONST + upcast(ladj_inv) / elements
+    cross_entropy = -upcast(teacher_log_density) / elements
+    return cross_entropy - entropy, cross_entropy, entropy
+
+
 def stft_magnitude(x: torch.Tensor, n_fft: int, hop: int, win: int) -> torch.Tensor:
     window = torch.hann_window(win, device=x.device, dtype=torch.float32)
     spec = torch.stft(upcast(x).float(), n_fft, hop, win, window=window, center=True, return_complex=True)
