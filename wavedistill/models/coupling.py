@@ -24,7 +24,6 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import CouplingConfig, FeatureConfig
