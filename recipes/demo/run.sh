@@ -59,13 +59,13 @@ while [ $# -gt 0 ]; do
 done
 
 case "$variant" in
-  parallel_wavenet) prefix=""; shipped_names="teacher student" ;;
-  clarinet) prefix="clarinet_"; shipped_names="clarinet-teacher clarinet-student"; [ -n "$exp_set" ] || exp=exp/demo-clarinet ;;
-  coupling) prefix=""; shipped_names="student"; [ -n "$exp_set" ] || exp=exp/demo-coupling ;;
+  parallel_wavenet) prefix=""; suffix="_lp"; shipped_names="teacher student" ;;  # LP + pre-emphasis (docs/ablation.md)
+  clarinet) prefix="clarinet_"; suffix=""; shipped_names="clarinet-teacher clarinet-student"; [ -n "$exp_set" ] || exp=exp/demo-clarinet ;;
+  coupling) prefix=""; suffix=""; shipped_names="student"; [ -n "$exp_set" ] || exp=exp/demo-coupling ;;
   *) echo "run.sh: unknown --variant $variant; choose parallel_wavenet, clarinet or coupling" >&2; exit 2 ;;
 esac
-teacher_conf=${teacher_conf:-recipes/demo/conf/${prefix}teacher_quick.yaml}
-student_conf=${student_conf:-recipes/demo/conf/${prefix}student_quick.yaml}
+teacher_conf=${teacher_conf:-recipes/demo/conf/${prefix}teacher${suffix}_quick.yaml}
+student_conf=${student_conf:-recipes/demo/conf/${prefix}student${suffix}_quick.yaml}
 flow_conf=${flow_conf:-recipes/demo/conf/coupling_quick.yaml}
 vocoder=student  # what stages 4-6 synthesise with, evaluate and time
 [ "$variant" = coupling ] && vocoder=coupling && teacher_conf=$flow_conf  # prepare reads the flow config's features
