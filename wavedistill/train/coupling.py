@@ -32,7 +32,7 @@ from ..errors import UserError
 from ..flows import audio_dequantizer
 from ..models.coupling import CouplingVocoder
 from .experiment import explicit_max_steps
-from .loop import Objective, run_training
+from .loop import BitsObjective, run_training
 from .distill import load_frozen_teacher
 from .losses import flow_kl_terms, stft_loss
 from .state import add_spectrogram, valid_segments
@@ -73,10 +73,12 @@ def validate(model: CouplingVocoder, valid, train_cfg, context: int, device) -> 
     return total / max(count, 1)
 
 
-class CouplingObjective(Objective):
+class CouplingObjective(BitsObjective):
     """Maximum likelihood of uniformly dequantized 16-bit audio (bits/sample, an upper bound on the discrete NLL)."""
 
     kind, desc = "coupling", "flow"
+    metric = short = "bits"
+    bound = "dequantized bound"
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -99,35 +101,15 @@ class CouplingObjective(Objective):
                 f"receptive field {raw.receptive_field} samples, {n_train} train / {n_valid} valid utterances, "
                 f"{world} process(es), start step {start}")
 
-    def loss(self, model, audio, mel, index, rank, world):
+    def batch_bits(self, model, audio, mel) -> torch.Tensor:
         x = dequantize_audio(crop_to_group(audio, self.raw.group))
-        loss = bits_per_sample(model(x, mel, self.context), x.shape[1]).mean()
-        return loss, ({"bits": loss.item()} if torch.isfinite(loss) else {})
+        return bits_per_sample(model(x, mel, self.context), x.shape[1]).mean()
 
-    def log_line(self, step, avg, gnorm, rate, lr) -> str:
-        return (f"step {step}: train {avg['bits']:.4f} bits/sample (dequantized bound), lr {lr:.2e}, grad {gnorm:.2f}, "
-                f"{rate:.0f} samples/s")
-
-    def postfix(self, avg) -> dict:
-        return {"bits": f"{avg['bits']:.3f}"}
-
-    def validate(self, eval_model, valid) -> dict:
-        return {"bits": validate(eval_model, valid, self.cfg.train, self.context, self.device)}
-
-    def valid_line(self, step, valid) -> str:
-        return f"step {step}: valid {valid['bits']:.4f} bits/sample (dequantized bound, EMA weights)"
-
-    def score(self, valid) -> float:
-        return valid["bits"]
-
-    def history(self, kind, values) -> dict:
-        return {f"{kind}_bits": values["bits"]}
+    def valid_bits(self, eval_model, valid) -> float:
+        return validate(eval_model, valid, self.cfg.train, self.context, self.device)
 
     def log_sample(self, eval_model, valid, writer, step, exp) -> None:
         _log_sample(eval_model, valid, self.cfg, writer, step, exp)
-
-    def summary(self, run, last_valid, history) -> dict:
-        return {"step": run.step, "valid_bits": None if last_valid is None else last_valid["bits"], "history": history}
 
 
 class CouplingDistillObjective(CouplingObjective):

@@ -105,6 +105,48 @@ class Objective:
         return {"step": run.step, "valid": last_valid, "history": history}
 
 
+class BitsObjective(Objective):
+    """An objective whose one figure is bits per sample: the teacher's NLL, a flow's dequantized bound."""
+
+    metric = "bits"  # key of the figure in the logged terms and the validation dict
+    short = "bits"  # progress-bar label
+    bound = ""  # what the figure is, when not an exact NLL (e.g. "dequantized bound")
+
+    def batch_bits(self, model, audio, mel) -> torch.Tensor:
+        """Mean bits/sample of one batch (``model`` possibly wrapped for data parallelism)."""
+        raise NotImplementedError
+
+    def valid_bits(self, eval_model, valid) -> float:
+        raise NotImplementedError
+
+    def loss(self, model, audio, mel, index, rank, world):
+        loss = self.batch_bits(model, audio, mel)
+        return loss, ({self.metric: loss.item()} if torch.isfinite(loss) else {})
+
+    def log_line(self, step, avg, gnorm, rate, lr) -> str:
+        note = f" ({self.bound})" if self.bound else ""
+        return f"step {step}: train {avg[self.metric]:.4f} bits/sample{note}, lr {lr:.2e}, grad {gnorm:.2f}, {rate:.0f} samples/s"
+
+    def postfix(self, avg) -> dict:
+        return {self.short: f"{avg[self.metric]:.3f}"}
+
+    def validate(self, eval_model, valid) -> dict:
+        return {self.metric: self.valid_bits(eval_model, valid)}
+
+    def valid_line(self, step, valid) -> str:
+        note = f"{self.bound}, " if self.bound else ""
+        return f"step {step}: valid {valid[self.metric]:.4f} bits/sample ({note}EMA weights)"
+
+    def score(self, valid) -> float:
+        return valid[self.metric]
+
+    def history(self, kind, values) -> dict:
+        return {f"{kind}_bits": values[self.metric]}
+
+    def summary(self, run, last_valid, history) -> dict:
+        return {"step": run.step, "valid_bits": None if last_valid is None else last_valid[self.metric], "history": history}
+
+
 def _finish_bad_step(acc, opt, run, tc, bar, what, save_now) -> None:
     opt.zero_grad(set_to_none=True)
     note_bad_step(run, tc, what)

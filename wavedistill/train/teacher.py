@@ -11,7 +11,7 @@ from ..config import load_config
 from ..models.teacher import Teacher
 from ..nn.distributions import quantize
 from .experiment import explicit_max_steps
-from .loop import Objective, run_training
+from .loop import BitsObjective, run_training
 from .state import add_spectrogram, valid_segments
 
 LN2 = math.log(2.0)
@@ -40,10 +40,11 @@ def validate(model: Teacher, valid, train_cfg, context: int, device) -> float:
     return total / max(count, 1)
 
 
-class TeacherObjective(Objective):
+class TeacherObjective(BitsObjective):
     """Maximum likelihood: the discretized NLL of 16-bit audio in bits per sample."""
 
     kind, desc = "teacher", "teacher"
+    metric, short = "nll_bits", "nll"
 
     def model_config(self):
         return self.cfg.teacher
@@ -61,33 +62,14 @@ class TeacherObjective(Objective):
         return (f"teacher: {n_params / 1e6:.2f} M parameters, receptive field {raw.receptive_field} samples, "
                 f"{n_train} train / {n_valid} valid utterances, {world} process(es), {impl} residual layers, start step {start}")
 
-    def loss(self, model, audio, mel, index, rank, world):
-        loss = teacher_nll_bits(model, audio, mel, self.context, self.raw.dist)
-        return loss, ({"nll_bits": loss.item()} if torch.isfinite(loss) else {})
+    def batch_bits(self, model, audio, mel) -> torch.Tensor:
+        return teacher_nll_bits(model, audio, mel, self.context, self.raw.dist)
 
-    def log_line(self, step, avg, gnorm, rate, lr) -> str:
-        return f"step {step}: train {avg['nll_bits']:.4f} bits/sample, lr {lr:.2e}, grad {gnorm:.2f}, {rate:.0f} samples/s"
-
-    def postfix(self, avg) -> dict:
-        return {"nll": f"{avg['nll_bits']:.3f}"}
-
-    def validate(self, eval_model, valid) -> dict:
-        return {"nll_bits": validate(eval_model, valid, self.cfg.train, self.context, self.device)}
-
-    def valid_line(self, step, valid) -> str:
-        return f"step {step}: valid {valid['nll_bits']:.4f} bits/sample (EMA weights)"
-
-    def score(self, valid) -> float:
-        return valid["nll_bits"]
-
-    def history(self, kind, values) -> dict:
-        return {f"{kind}_bits": values["nll_bits"]}
+    def valid_bits(self, eval_model, valid) -> float:
+        return validate(eval_model, valid, self.cfg.train, self.context, self.device)
 
     def log_sample(self, eval_model, valid, writer, step, exp) -> None:
         _log_sample(eval_model, valid, self.cfg, writer, step, exp)
-
-    def summary(self, run, last_valid, history) -> dict:
-        return {"step": run.step, "valid_bits": None if last_valid is None else last_valid["nll_bits"], "history": history}
 
 
 def train_teacher(config_path, data, out, overrides=None, max_steps=None, resume=False, force=False) -> dict:
