@@ -48,3 +48,18 @@ def test_shipped_checkpoint_gives_its_pinned_audio(outputs, name):
     x = outputs[name]
     torch.testing.assert_close(x.flatten()[:6].double(), torch.tensor(head, dtype=torch.float64), atol=1e-6, rtol=0)
     assert math.isclose(float(x.double().sum()), total, abs_tol=1e-3)
+
+
+def test_synthesize_takes_the_frame_rate_path_of_teacher_generate():
+    """`synthesize` (one item, chunked or not) and Teacher.generate give the same samples: one frame-rate path."""
+    from wavedistill.inference.synthesis import Vocoder
+
+    torch.set_num_threads(1)
+    voc = Vocoder.load(SHIPPED / "teacher")
+    mel = torch.randn(voc.n_mels, 14, generator=torch.Generator().manual_seed(5)) * 2 - 5
+    with torch.no_grad():
+        ref = voc.model.generate(mel[None], seed=11)[0]
+    whole = voc.synthesize(mel, seed=11)
+    chunked = voc.synthesize(mel, seed=11, chunk_frames=4)
+    torch.testing.assert_close(whole, ref, atol=0, rtol=0)
+    torch.testing.assert_close(chunked, ref, atol=0, rtol=0)

@@ -288,6 +288,7 @@ class Vocoder:
                     progress((e - s) * hop)
 
     def _teacher(self, mels, frames, seed, rows, temperature, chunk, speaker, progress, emit: Sink) -> None:
+        from ..generation.cached import FrameConditioning
         from ..generation.select import make_generator
 
         model, hop = self.model, self.hop
@@ -307,13 +308,20 @@ class Vocoder:
             if progress is not None:
                 progress(valid)
 
+        # One item (the CPU default): the conditioning of every layer projected at frame rate, as in
+        # Teacher.generate and bench.  Items of different lengths together: per-sample conditioning computed
+        # per item (frame-rate projections use end-of-utterance kernels, one utterance per batch row).
+        frame_rate = FrameConditioning.from_mel(model.cond, mels[0][None], speaker) if B == 1 else None
         for s in range(0, n_max, chunk):
             e = min(s + chunk, n_max)
-            c = torch.zeros(B, model.cfg.cond_channels, (e - s) * hop, dtype=self.dtype, device=self.device)
-            for i, f in enumerate(frames):
-                if f > s:
-                    e_i = min(e, f)
-                    c[i, :, : (e_i - s) * hop] = self._cond_window(mels[i], s, e_i, speaker)
+            if frame_rate is not None:
+                c = frame_rate.window(s * hop, e * hop)
+            else:
+                c = torch.zeros(B, model.cfg.cond_channels, (e - s) * hop, dtype=self.dtype, device=self.device)
+                for i, f in enumerate(frames):
+                    if f > s:
+                        e_i = min(e, f)
+                        c[i, :, : (e_i - s) * hop] = self._cond_window(mels[i], s, e_i, speaker)
             if model.source is None:
                 y = gen.run(c, noise[:, :, s * hop : e * hop], temperature, cache, progress=advance)
             else:  # source-filter teacher: the predictor of each item's frames (the last one repeated past its end)
