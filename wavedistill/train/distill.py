@@ -128,7 +128,7 @@ class DistillObjective(Objective):
                 f"log-mel L1 {valid['log_mel_l1']:.4f} (EMA weights)")
 
     def score(self, valid) -> float:
-        return valid["kl"] + self.cfg.distill.stft_weight * valid["stft"]
+        return self.cfg.distill.kl_weight * valid["kl"] + self.cfg.distill.stft_weight * valid["stft"]  # what is trained
 
     def log_sample(self, eval_model, valid, writer, step, exp) -> None:
         _log_sample(eval_model, valid, self.cfg, writer, step, exp)
