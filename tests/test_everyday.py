@@ -241,7 +241,10 @@ def test_info_on_a_checkpoint_and_a_directory(world, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 checkpoint(s)" in out and re.search(r"step-00000004\s+teacher\s+4\s.*latest,best", out)
     assert main(["info", str(h.REPO / "checkpoints" / "demo")]) == 0
-    assert "4 checkpoint(s)" in capsys.readouterr().out
+    shipped = sorted(d.name for d in (h.REPO / "checkpoints" / "demo").iterdir() if (d / "model.safetensors").is_file())
+    out = capsys.readouterr().out
+    assert len(shipped) >= 4 and f"{len(shipped)} checkpoint(s)" in out
+    assert all(re.search(rf"^{re.escape(name)}\s", out, re.MULTILINE) for name in shipped)
 
 
 # --------------------------------------------------------------------------- synthesize and eval front ends
