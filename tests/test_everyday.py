@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -43,6 +44,17 @@ def _wait_for(pred, timeout: float, what: str, proc=None):
 # --------------------------------------------------------------------------- lock, signals, resume
 
 
+@contextlib.contextmanager
+def _killed_at_exit(proc: subprocess.Popen):
+    """Kill ``proc`` when the block ends, however it ends (assertions inside still fail the test)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 @pytest.mark.slow
 def test_second_run_refused_then_sigterm_checkpoints_the_current_step(world, tmp_path):
     root, _, cache, cfg = world
@@ -50,7 +62,7 @@ def test_second_run_refused_then_sigterm_checkpoints_the_current_step(world, tmp
     log = tmp_path / "a.log"
     a = h.popen("train-teacher", "--config", cfg, "--data", cache, "--out", exp, "--max-steps", "100000",
                 "train.valid_every=1000", "train.save_every=1000", log=log)
-    try:
+    with _killed_at_exit(a):
         _wait_for(lambda: (exp / "train.log").is_file() and "step 4:" in (exp / "train.log").read_text(), 300,
                   "the first run to train", a)
         assert (exp / LOCK_NAME).read_text().strip() == str(a.pid)
@@ -60,9 +72,6 @@ def test_second_run_refused_then_sigterm_checkpoints_the_current_step(world, tmp
         assert a.poll() is None, "the first run must still be running"
         a.send_signal(signal.SIGTERM)
         assert a.wait(timeout=300) == 143, log.read_text()[-3000:]
-    finally:
-        if a.poll() is None:
-            a.kill()
     text = (exp / "train.log").read_text()
     m = re.search(r"stopped by SIGTERM at step (\d+)", text)
     assert m, text[-2000:]
@@ -84,15 +93,12 @@ def test_lock_of_a_killed_process_does_not_block(world, tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from wavedistill.fileio import DirectoryLock; "
                                "DirectoryLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)", str(exp)],
                               env=h.child_env(), stdout=subprocess.PIPE, text=True)
-    try:
+    with _killed_at_exit(holder):
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match=f"PID {holder.pid}"):
             DirectoryLock(exp).check()
         with pytest.raises(UserError, match=f"PID {holder.pid}"):
             DirectoryLock(exp).acquire()
-    finally:
-        holder.kill()
-        holder.wait()
     assert (exp / LOCK_NAME).read_text().strip() == str(holder.pid)  # the file is left behind by SIGKILL...
     from wavedistill.train.teacher import train_teacher
 

@@ -605,7 +605,11 @@ def read_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist; pass a YAML file such as recipes/demo/conf/teacher.yaml")
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+        loader = UniqueKeyLoader(path.read_text(encoding="utf-8"))  # a SafeLoader: plain data only, never objects
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except DuplicateKeyError as e:
         raise UserError(f"config file {path}: {e}; keep one of them") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
