@@ -127,3 +127,12 @@ def lively_teacher(output: str, mixtures: int, kernel_size: int, residual: int, 
         else:
             t.net.head2.bias[1] = -2.5
     return t
+
+
+def randomize(flow, scale=0.3, seed=0):
+    """Move every parameter off its (often identity) initialisation so the tests see real dependence."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return flow

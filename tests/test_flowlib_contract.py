@@ -13,16 +13,11 @@ from wavedistill.flows import (
     alternating_mask, checkerboard_mask, unsqueeze1d, unsqueeze2d,
 )
 
+from conftest import randomize  # noqa: E402,F401  (shared with test_flowlib_properties)
+
 D = torch.float64
 
 
-def randomize(flow, scale=0.3, seed=0):
-    """Move every parameter off its (often identity) initialisation so the tests see real dependence."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in flow.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-    return flow
 
 
 def _actnorm(spatial, shape):

@@ -19,15 +19,11 @@ from wavedistill.flows import (
 from wavedistill.flows import continuous as continuous_mod
 from wavedistill.nn.distributions import quantize
 
+from conftest import randomize  # noqa: E402,F401  (shared with test_flowlib_contract)
+
 D = torch.float64
 
 
-def randomize(flow, scale=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in flow.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-    return flow
 
 
 # --- normalisation: exp(log_prob) integrates to 1 ------------------------------------------------------------

@@ -90,11 +90,6 @@ class CouplingObjective(BitsObjective):
     def build_model(self) -> CouplingVocoder:
         return CouplingVocoder(self.cfg.coupling, self.cfg.features.n_mels, self.cfg.features)
 
-    def attach(self, acc, model, raw) -> int:
-        self.raw, self.device = raw, acc.device
-        self.context = raw.cond.frame_context
-        return self.context
-
     def banner(self, raw, n_train, n_valid, world, impl, start) -> str:
         n_params = sum(p.numel() for p in raw.parameters())
         return (f"coupling flow: {n_params / 1e6:.2f} M parameters, {len(raw.steps)} steps on groups of {raw.group}, "

@@ -112,6 +112,11 @@ class BitsObjective(Objective):
     short = "bits"  # progress-bar label
     bound = ""  # what the figure is, when not an exact NLL (e.g. "dequantized bound")
 
+    def attach(self, acc, model, raw) -> int:
+        self.raw, self.device = raw, acc.device
+        self.context = raw.cond.frame_context  # the model's own conditioning context
+        return self.context
+
     def batch_bits(self, model, audio, mel) -> torch.Tensor:
         """Mean bits/sample of one batch (``model`` possibly wrapped for data parallelism)."""
         raise NotImplementedError

@@ -52,11 +52,6 @@ class TeacherObjective(BitsObjective):
     def build_model(self) -> Teacher:
         return Teacher(self.cfg.teacher, self.cfg.features.n_mels, self.cfg.features)
 
-    def attach(self, acc, model, raw) -> int:
-        self.raw, self.device = raw, acc.device
-        self.context = raw.cond.frame_context
-        return self.context
-
     def banner(self, raw, n_train, n_valid, world, impl, start) -> str:
         n_params = sum(p.numel() for p in raw.parameters())
         return (f"teacher: {n_params / 1e6:.2f} M parameters, receptive field {raw.receptive_field} samples, "
