@@ -2,6 +2,8 @@
 
 * time-major GEMM residual layers (:meth:`WaveNet.forward`) against the channel-major 1-D convolutions
   (:meth:`WaveNet.forward_channels`), values and gradients, in float64;
+* the teacher and distillation checks below run the default path — on this CPU the fused training stack with
+  frame-rate conditioning (tests/test_cpu_fused.py checks it piece by piece) — against that reference;
 * the polyphase upsampling against the literal stretch-and-convolve, values and gradients;
 * the teacher NLL and every distillation loss term (and their gradients) on a fixed batch with the shipped
   demo checkpoints, reference formulation against the new one;
@@ -22,6 +24,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
+from wavedistill import kernels
 from wavedistill.checkpoint import load_model
 from wavedistill.config import load_config
 from wavedistill.models.teacher import Teacher
@@ -35,8 +38,10 @@ DEMO = ROOT / "checkpoints" / "demo"
 
 @pytest.fixture
 def reference_formulation(monkeypatch):
-    """Switch the networks and the upsampling back to the channel-major convolutions."""
+    """Switch the networks and the upsampling back to the channel-major convolutions (and off the fused
+    CPU training path, whose frame-rate conditioning bypasses ``WaveNet.forward``)."""
     def use():
+        monkeypatch.setattr(kernels, "_mode", "reference")
         monkeypatch.setattr(WaveNet, "forward", WaveNet.forward_channels)
         monkeypatch.setattr(ConditionNet, "upsample", ConditionNet.upsample_reference)
     return use
@@ -166,8 +171,11 @@ def test_distillation_terms_and_gradients_unchanged(reference_formulation):
     for k, v in ref_terms.items():
         assert abs(new_terms[k] - v) <= 1e-4 * max(1.0, abs(v)), (k, new_terms[k], v)
     torch.testing.assert_close(new_x, ref_x, rtol=1e-4, atol=1e-5)
-    for name, g in ref_grads.items():  # float32 through 54 layers and 16 draws: compare whole tensors
-        assert _rel_err(new_grads[name], g) < 1e-3, (name, _rel_err(new_grads[name], g))
+    # float32 through 54 layers and 16 draws: compare whole tensors.  The summation order of the GEMMs depends on
+    # the thread count: on 2 threads the plain time-major layers already differ from the convolutions by 1.5e-3 on
+    # flow 3's second layer (1 thread: < 1e-3), the fused stack by 1.4e-3; tight checks: tests/test_cpu_fused.py.
+    for name, g in ref_grads.items():
+        assert _rel_err(new_grads[name], g) < 3e-3, (name, _rel_err(new_grads[name], g))
 
 
 def test_shipped_checkpoints_same_audio_and_likelihood(reference_formulation):

@@ -192,3 +192,17 @@ def residual_layer(layer, x: torch.Tensor, c: torch.Tensor | None):
     )
     out = outs[0] if p.res_w is not None else x
     return out, (outs[-1] if p.skip_w is not None else None)
+
+
+def use_cpu_fused(x: torch.Tensor) -> bool:
+    """Whether a CPU float32 residual stack should train through :class:`wavedistill.nn.fused_stack.FusedStack`
+    (the compiled element-wise passes of :mod:`wavedistill.kernels.cpu_fused`): in ``auto`` mode only, not
+    under autocast or ``torch.compile``, and only when the library builds here.  The caller checks that
+    gradients are wanted (without them the plain time-major layers are as fast and keep inference unchanged)."""
+    if get_mode() != "auto" or x.device.type != "cpu" or x.dtype != torch.float32:  # triton: the Triton kernels
+        return False
+    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
+        return False
+    from . import cpu_fused
+
+    return cpu_fused.available()

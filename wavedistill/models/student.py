@@ -96,7 +96,8 @@ class Student(nn.Module):
             return c
         if mel is None:
             raise ValueError("a source-filter student needs the mel for its LP coefficients")
-        return SourceFilterContext(c, self.source.lpc(mel, context, upcast(c).dtype))
+        dtype = torch.float32 if c.dtype in (torch.float16, torch.bfloat16) else c.dtype
+        return SourceFilterContext(c, self.source.lpc(mel, context, dtype))
 
     def transform(self, z: torch.Tensor, c, mel: torch.Tensor | None = None, context: int = 0):
         """Run the flows through the contract: ``(x, μ_tot, log s_tot)``, each ``[B, T]`` (float32 for the last two).
@@ -107,7 +108,14 @@ class Student(nn.Module):
         return self.flow.affine(z, c)
 
     def forward(self, z: torch.Tensor, mel: torch.Tensor, context: int = 0):
-        """``z [B, T]``, ``mel`` with ``context`` extra frames per side → ``(x, μ_tot, log s_tot)``."""
+        """``z [B, T]``, ``mel`` with ``context`` extra frames per side → ``(x, μ_tot, log s_tot)``.
+
+        Training on a CPU, the conditioning stays at frame rate (:class:`~wavedistill.nn.wavenet.BandedConditioning`)
+        and each flow projects it per frame: the same maths, a quarter fewer FLOPs."""
+        first = self.flow.flows[0] if hasattr(self.flow, "flows") else None
+        net = getattr(first, "net", None)
+        if net is not None and net.trains_fused(z[:, None]):
+            return self.transform(z, self.cond.banded(mel, context, z.shape[1]), mel, context)
         return self.transform(z, self.condition(mel, context, z.shape[1]), mel, context)
 
     def transform_chunk(self, z: torch.Tensor, c: torch.Tensor, mels: list[torch.Tensor], skip: int,

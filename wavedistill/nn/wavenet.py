@@ -80,6 +80,36 @@ class StepWeights:
         return [layer.dilation for layer in self.layers]
 
 
+@dataclass(frozen=True)
+class BandedConditioning:
+    """Conditioning kept at frame rate for training: ``c[:, :, t] = Σ_j w[t, j]·frames[:, :, i0[t] + j]``.
+
+    ``frames [B, C, F]`` (from :meth:`ConditionNet.frames`), ``i0 [T]``/``w [T, J]`` from
+    :meth:`ConditionNet.upsample_band`.  :meth:`WaveNet.forward` accepts it in place of ``c``: on the fused CPU
+    training path every layer's projection is then computed per frame (:meth:`WaveNet.forward_banded`), elsewhere
+    it is expanded with :meth:`dense` — the same maths either way.
+    """
+
+    frames: torch.Tensor
+    i0: torch.Tensor
+    w: torch.Tensor
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.frames.dtype
+
+    @property
+    def shape(self) -> tuple:
+        return (self.frames.shape[0], self.frames.shape[1], self.w.shape[0])
+
+    def dense(self) -> torch.Tensor:
+        """The upsampled conditioning ``[B, C, T]``."""
+        J = self.w.shape[1]
+        idx = self.i0[:, None] + torch.arange(J, device=self.i0.device)[None, :]  # [T, J]
+        win = self.frames[:, :, idx]  # [B, C, T, J]
+        return (win * self.w.to(self.frames.dtype)).sum(-1)
+
+
 class ResidualLayer(nn.Module):
     """``forward(x, c) -> (x_out, skip)``; causal in ``x``, pointwise in ``c``."""
 
@@ -281,24 +311,105 @@ class WaveNet(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         """``[B, out, T]``.  PyTorch layers run :meth:`forward_time_major` (GEMMs over ``B·T`` rows);
-        the fused Triton kernels, where :mod:`wavedistill.kernels` selects them, :meth:`forward_channels`."""
+        the fused Triton kernels, where :mod:`wavedistill.kernels` selects them, :meth:`forward_channels`.
+        With gradients on a CPU, the layers run as one :class:`~wavedistill.nn.fused_stack.FusedStack`."""
+        if isinstance(c, BandedConditioning):
+            if self.trains_fused(x) and not kernels.use_fused(x, self.layers[0]):
+                return self.forward_banded(x, c.frames, c.i0, c.w)
+            c = c.dense()
         if kernels.use_fused(x, self.layers[0]):
             return self.forward_channels(x, c)
         B, _, T = x.shape
-        h = torch.addmm(self.input.bias, x.transpose(1, 2).reshape(B * T, -1), self.input.weight[:, :, 0].t())
-        h = h.view(B, T, -1)
+        h = self._input_time_major(x)
         ct = c.transpose(1, 2).contiguous() if c is not None else None
-        skips = None
-        for layer in self.layers:
-            h, s = layer.forward_time_major(h, ct)
-            if s is not None:
-                skips = s if skips is None else skips + s
-        if self.skip_channels > 0:
-            h = skips * math.sqrt(1.0 / len(self.layers))
+        if self._wants_fused(h, ct):
+            h = self._fused_layers(h, ct)
+        else:
+            skips = None
+            for layer in self.layers:
+                h, s = layer.forward_time_major(h, ct)
+                if s is not None:
+                    skips = s if skips is None else skips + s
+            if self.skip_channels > 0:
+                h = skips * math.sqrt(1.0 / len(self.layers))
+        return self._head_time_major(h)
+
+    def _input_time_major(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, T = x.shape
+        h = torch.addmm(self.input.bias, x.transpose(1, 2).reshape(B * T, -1), self.input.weight[:, :, 0].t())
+        return h.view(B, T, -1)
+
+    def _head_time_major(self, h: torch.Tensor) -> torch.Tensor:
+        B, T, _ = h.shape
         h = F.relu(h).reshape(B * T, -1)
         h = F.relu(torch.addmm(self.head1.bias, h, self.head1.weight[:, :, 0].t()))
         y = torch.addmm(self.head2.bias, h, self.head2.weight[:, :, 0].t())
         return y.view(B, T, -1).transpose(1, 2).contiguous()
+
+    def trains_fused(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`forward_banded` can run for input ``x``: gradients wanted, CPU float32, library built."""
+        return self._wants_fused(x, None, cond_ok=True)
+
+    def forward_banded(self, x: torch.Tensor, frames: torch.Tensor, band_i0: torch.Tensor, band_w: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` with the conditioning given at frame rate, ``frames [B, C, F]``, and its upsampling as a
+        banded map (``c[:, :, t] = Σ_j band_w[t, j]·frames[:, :, band_i0[t] + j]``, from
+        :meth:`ConditionNet.upsample_band`).  Every layer's projection ``W_cond·c`` is then computed on the
+        frames (``hop``× fewer rows) and upsampled inside the fused gate pass: the same maths as
+        ``forward(x, upsample(frames))`` with a quarter fewer FLOPs.  Needs :meth:`trains_fused`."""
+        from .fused_stack import FusedStack
+
+        B, _, T = x.shape
+        h = self._input_time_major(x)
+        w_all = torch.cat([m.cond.weight[:, :, 0] for m in self.layers], dim=0).t()  # [C, L·G]
+        P = torch.matmul(frames.transpose(1, 2), w_all)  # [B, F, L·G]: all layers' projections at frame rate
+        out = FusedStack.apply(h, None, None, P, band_w, band_i0, self._spec(False), *self._stack_weights(False))
+        h = out * math.sqrt(1.0 / len(self.layers)) if self.skip_channels > 0 else out
+        return self._head_time_major(h)
+
+    def _spec(self, with_cond: bool):
+        from .fused_stack import StackSpec
+
+        first = self.layers[0]
+        return StackSpec(self.kernel_size, tuple(self.dilations), first.conv.in_channels, first.conv.out_channels,
+                         self.skip_channels, tuple(m.res is not None for m in self.layers), with_cond)
+
+    def _stack_weights(self, with_cond: bool) -> list:
+        weights = []
+        for m in self.layers:
+            w_out, b_out = m.out_weight()
+            weights += [m.stacked_weight(with_cond), m.conv.bias, w_out, b_out]
+        return weights
+
+    def _wants_fused(self, h: torch.Tensor, ct: torch.Tensor | None, cond_ok: bool = False) -> bool:
+        """Train through :class:`~wavedistill.nn.fused_stack.FusedStack`: gradients wanted, CPU float32, library built."""
+        if not torch.is_grad_enabled():
+            return False
+        if not (h.requires_grad or (ct is not None and ct.requires_grad)
+                or any(p.requires_grad for p in self.parameters())):
+            return False
+        if (ct is not None or cond_ok) and self.layers[0].cond is None:
+            return False
+        if self.input.weight.dtype != torch.float32 or (ct is not None and ct.dtype != torch.float32):
+            return False
+        return all(m.res is not None or m.skip is not None for m in self.layers) and kernels.use_cpu_fused(h)
+
+    def _fused_layers(self, h: torch.Tensor, ct: torch.Tensor | None) -> torch.Tensor:
+        """The residual layers on ``h [B, T, R]`` through :class:`FusedStack`: the scaled skip sum (or the
+        final residual stream without skips).  Same maths as :meth:`ResidualLayer.forward_time_major`."""
+        from .fused_stack import FusedStack
+
+        B, T, _ = h.shape
+        frozen_cond = ct is not None and not (ct.requires_grad or any(m.cond.weight.requires_grad for m in self.layers))
+        with_cond = ct is not None and not frozen_cond
+        if with_cond and ct.shape[0] != B:
+            ct = ct.expand(B, -1, -1).contiguous()  # the gradient of a broadcast row set is summed by autograd
+        cadd = None
+        if frozen_cond:  # a constant addend: all layers' projections in one GEMM, no gradient to compute
+            w_all = torch.cat([m.cond.weight[:, :, 0] for m in self.layers], dim=0).t()  # [C, L·G]
+            cadd = ct.expand(B, -1, -1).reshape(B * T, -1).mm(w_all).view(B, T, -1)
+        out = FusedStack.apply(h, ct if with_cond else None, cadd, None, None, None, self._spec(with_cond),
+                               *self._stack_weights(with_cond))
+        return out * math.sqrt(1.0 / len(self.layers)) if self.skip_channels > 0 else out
 
     def forward_channels(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         """The channel-major formulation ``[B, C, T]`` layer by layer through :meth:`ResidualLayer.forward`
@@ -402,6 +513,37 @@ class ConditionNet(nn.Module):
         for s, conv in zip(self.scales, self.smooth):
             u = stretch_smooth(u, conv.weight.view(-1), s)
         return u
+
+    def upsample_band(self, frames: int, length: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`upsample` of ``frames`` frames as a banded matrix, for output samples ``offset … offset+length-1``:
+        ``upsample(h)[..., offset + t] == Σ_j w[t, j]·h[..., i0[t] + j]`` (``i0 [length]`` int64, ``w [length, J]``,
+        differentiable in the smoothing filters).  ``J`` is the widest support, a few frames."""
+        key = (frames, length, offset)
+        cache = self.__dict__.setdefault("_band_cache", {})
+        if key not in cache:
+            with torch.no_grad():  # the support, from all-positive filters (a superset of any filters' support)
+                u = torch.eye(frames, dtype=torch.float64)[None]
+                for s in self.scales:
+                    u = stretch_smooth(u, torch.ones(2 * s + 1, dtype=torch.float64), s)
+                sup = u[0, :, offset : offset + length] != 0  # [F, length]
+                if sup.shape[1] != length:
+                    raise ValueError(f"samples {offset}..{offset + length} exceed {frames} frames × hop {self.hop}")
+                first = sup.to(torch.int8).argmax(0)
+                last = frames - 1 - sup.flip(0).to(torch.int8).argmax(0)
+                J = int((last - first).max()) + 1
+                cache[key] = (first.clamp(max=frames - J).contiguous(), J)
+        i0, J = cache[key]
+        dev, dtype = self.smooth[0].weight.device, self.smooth[0].weight.dtype
+        m = self.upsample(torch.eye(frames, dtype=dtype, device=dev)[None])[0, :, offset : offset + length]  # [F, length]
+        i0 = i0.to(dev)
+        w = m.gather(0, i0[None, :] + torch.arange(J, device=dev)[:, None]).t().contiguous()
+        return i0, w
+
+    def banded(self, mel: torch.Tensor, context: int, length: int, speaker: torch.Tensor | None = None) -> BandedConditioning:
+        """``forward(mel)[:, :, context·hop : context·hop + length]`` as a :class:`BandedConditioning` (nothing upsampled)."""
+        frames = self.frames(mel, speaker)
+        i0, w = self.upsample_band(frames.shape[2], length, context * self.hop)
+        return BandedConditioning(frames, i0, w)
 
     def upsample_reference(self, h: torch.Tensor) -> torch.Tensor:
         """:meth:`upsample` as literally defined (stretch, then the smoothing convolution); for tests."""
