@@ -22,8 +22,11 @@ import torch
 from . import cbuild
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "fused_layer.cpp"
-_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-pthread"]
-_ABI = 2
+_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
+# -fopenmp links libgomp.so.1 by soname: the copy PyTorch has already loaded, so one OpenMP thread pool serves
+# PyTorch's GEMMs and these passes (two runtimes would spin against each other on a 2-core machine)
+_LDFLAGS = ["-fopenmp"]
+_ABI = 3
 _lock = threading.Lock()
 _lib = None
 _error: str | None = None
@@ -48,7 +51,7 @@ def _load():
         try:
             if cbuild.disabled():
                 raise RuntimeError("disabled by WAVEDISTILL_NO_FASTGEN")
-            lib, path = cbuild.build("wavedistill_fused_layer", _SOURCE, _CFLAGS)
+            lib, path = cbuild.build("wavedistill_fused_layer", _SOURCE, _CFLAGS, _LDFLAGS)
             if lib.wf_abi_version() != _ABI:
                 raise RuntimeError(f"{path} has ABI {lib.wf_abi_version()}, expected {_ABI}")
             for name, args in _SIGNATURES.items():

@@ -18,12 +18,11 @@
 // SIMD variants, which <math.h> does only under -ffast-math (not used: it would change rounding elsewhere
 // and, linked into a shared library by some GCC versions, set flush-to-zero for the whole process).
 // Where the variants are missing the library does not load and the PyTorch layers run instead.
-// Rows are split over `threads` std::threads for large arrays.
+// Rows are split over `threads` OpenMP threads for large arrays.
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__FAST_MATH__)
@@ -37,28 +36,28 @@ namespace {
 
 template <class F>
 void parallel_rows(int64_t n, int64_t threads, int64_t row_cost, F fn) {
-  // at least ~64k floats of work per thread, so small arrays stay on the calling thread
+  // at least ~64k floats of work per thread, so small arrays stay on the calling thread.  OpenMP, not
+  // std::thread: the library links the libgomp that PyTorch has loaded, so these passes share the threads
+  // of the GEMMs around them instead of competing with them.
   int64_t most = std::max<int64_t>(1, n * std::max<int64_t>(row_cost, 1) / 65536);
   threads = std::max<int64_t>(1, std::min(threads, most));
   if (threads == 1) {
     fn(int64_t(0), n);
     return;
   }
-  std::vector<std::thread> pool;
   const int64_t chunk = (n + threads - 1) / threads;
-  for (int64_t i = 1; i < threads; ++i) {
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int64_t i = 0; i < threads; ++i) {
     const int64_t b = i * chunk, e = std::min(n, b + chunk);
-    if (b < e) pool.emplace_back(fn, b, e);
+    if (b < e) fn(b, e);
   }
-  fn(int64_t(0), std::min(n, chunk));
-  for (auto& t : pool) t.join();
 }
 
 }  // namespace
 
 extern "C" {
 
-int wf_abi_version() { return 2; }
+int wf_abi_version() { return 3; }
 
 // out [B·T, ldo]: columns [k·R, (k+1)·R) hold x[b, t - (K-1-k)·d] (0 before t = 0), columns [K·R, K·R + C)
 // hold cond[b, t] (cond row stride ldc, batch stride cond_bstride: 0 broadcasts one row set to every b).
@@ -189,10 +188,8 @@ void wf_band_bwd(const float* g, const float* P, int64_t P_ld, int64_t P_bs, con
     work(0);
     return;
   }
-  std::vector<std::thread> pool;
-  for (int64_t i = 1; i < threads; ++i) pool.emplace_back(work, i);
-  work(0);
-  for (auto& th : pool) th.join();
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int64_t i = 0; i < threads; ++i) work(i);
   for (int64_t i = 0; i < threads; ++i)
     for (int64_t k = 0; k < T * J; ++k) gw[k] += part[i][k];
 }
