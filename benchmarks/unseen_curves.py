@@ -1,0 +1,106 @@
+"""Quality on unseen speakers against CPU-hours: ``wavedistill eval --wav-dir`` on checkpoint snapshots (PNG + JSON).
+
+A long run keeps only its last few checkpoints, so copy ``exp/RUN/checkpoints/latest`` aside now and then
+(``cp -r``; the CPU time spent so far is in each checkpoint's ``state/trainer.json``), then:
+
+    python benchmarks/unseen_curves.py --run "LP student=exp/snapshots/long-student-lpkl" \\
+        --wav-dir exp/unseen12 --eval-root exp/eval-snapshots --out docs/unseen-curves-student
+
+Each snapshot is scored once (``EVAL_ROOT/LABEL/STEP/metrics.json`` is reused when present); the figure shows
+PESQ-NB, STOI, log-mel L1 and, for teachers, the exact bits/sample of the real audio, against CPU-hours.
+``--reference NAME=VALUE,...`` draws horizontal reference lines (e.g. the shipped checkpoint's figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METRICS = ("pesq", "stoi", "log_mel_l1", "bits_per_sample")
+LABELS = {"pesq": "PESQ-NB ↑", "stoi": "STOI ↑", "log_mel_l1": "log-mel L1 ↓", "bits_per_sample": "bits/sample ↓"}
+
+
+def cpu_hours(step_dir: Path) -> float:
+    state = json.loads((step_dir / "state" / "trainer.json").read_text())
+    return float(state.get("cpu_seconds", 0.0)) / 3600.0
+
+
+def score(step_dir: Path, wav_dir: Path, out: Path) -> dict:
+    """The checkpoint's row of ``wavedistill eval --wav-dir`` (run once, then read back)."""
+    if not (out / "metrics.json").is_file():
+        cmd = [sys.executable, "-m", "wavedistill", "eval", "--wav-dir", str(wav_dir), "--checkpoint", str(step_dir),
+               "--out", str(out)]
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    m = json.loads((out / "metrics.json").read_text())
+    name = next(k for k in m["systems"] if k != "griffin_lim")
+    row = {k: m["systems"][name]["mean"].get(k) for k in METRICS[:3]}
+    row["bits_per_sample"] = m.get("likelihood", {}).get("bits_per_sample", {}).get(name)
+    row["f0_rmse_cents"] = m["systems"][name]["mean"].get("f0_rmse_cents")
+    row["vuv_error"] = m["systems"][name]["mean"].get("vuv_error")
+    row["griffin_lim"] = {k: m["systems"]["griffin_lim"]["mean"].get(k) for k in METRICS[:3]}
+    return row
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", action="append", required=True, metavar="LABEL=SNAPDIR",
+                    help="a folder of step-* checkpoint snapshots (repeatable)")
+    ap.add_argument("--wav-dir", required=True, type=Path, help="unseen-speaker audio")
+    ap.add_argument("--eval-root", required=True, type=Path, help="where each snapshot's eval report goes")
+    ap.add_argument("--out", required=True, type=Path, help="output path without suffix (.png and .json)")
+    ap.add_argument("--reference", action="append", default=[], metavar="NAME=pesq,stoi,l1",
+                    help="horizontal reference lines, e.g. 'shipped student=1.48,0.732,0.738'")
+    args = ap.parse_args(argv)
+
+    runs = {}
+    for spec in args.run:
+        label, _, snap = spec.partition("=")
+        points = []
+        for step_dir in sorted(Path(snap).glob("step-*")):
+            row = score(step_dir, args.wav_dir, args.eval_root / label.replace(" ", "_") / step_dir.name)
+            row.update(step=int(step_dir.name.split("-")[1]), cpu_hours=round(cpu_hours(step_dir), 4))
+            points.append(row)
+            print(f"{label} {step_dir.name}: {row['cpu_hours']:.2f} CPU-h  PESQ {row['pesq']:.3f}  STOI {row['stoi']:.3f}  "
+                  f"L1 {row['log_mel_l1']:.3f}  bits {row['bits_per_sample']}", flush=True)
+        runs[label] = sorted(points, key=lambda r: r["cpu_hours"])
+    refs = {}
+    for spec in args.reference:
+        name, _, vals = spec.partition("=")
+        refs[name] = dict(zip(METRICS[:3], (float(v) for v in vals.split(","))))
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"wav_dir": str(args.wav_dir), "runs": runs, "references": refs}
+    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in METRICS if any(r.get(m) is not None for pts in runs.values() for r in pts)]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.4), squeeze=False)
+    for ax, m in zip(axes[0], shown):
+        for label, pts in runs.items():
+            xy = [(r["cpu_hours"], r[m]) for r in pts if r.get(m) is not None]
+            if xy:
+                ax.plot(*zip(*xy), marker="o", label=label)
+        for name, vals in refs.items():
+            if m in vals:
+                ax.axhline(vals[m], ls="--", lw=1, color="gray")
+                ax.annotate(name, (ax.get_xlim()[0], vals[m]), fontsize=7, color="gray", va="bottom")
+        ax.set_xlabel("CPU-hours (this run)")
+        ax.set_title(LABELS[m], fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"unseen speakers ({args.wav_dir.name}), copy synthesis", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(args.out.with_suffix(".png"), dpi=110)
+    print(f"wrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.json')}")
+
+
+if __name__ == "__main__":
+    main()
