@@ -210,9 +210,23 @@ def test_train_bench_tiny(tmp_path):
     t = Teacher(load_config(ROOT / "recipes/demo/conf/teacher.yaml").teacher, 64)
     fwd = bench.teacher_scoring_flops_per_sample(t)
     assert 2.5 * fwd < by["teacher"]["flops_per_sample"] < 3.5 * fwd
+    # the frame-rate conditioning of the fused CPU path executes fewer FLOPs than the maths as written
+    assert by["teacher"]["flops_per_sample_executed"] < 0.9 * by["teacher"]["flops_per_sample"]
     png = train_bench.plot_png(report)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert "teacher" in train_bench.format_table(report)
+
+
+def test_train_bench_source_filter_configs():
+    """The LP recipes (MoL + LP teacher, LP student distilled from it) benchmark too."""
+    from wavedistill.eval import train_bench
+
+    report = train_bench.run_train_bench(threads=(1,), repeats=1, warmup=0, batch=1, segment=400,
+                                         teacher_config=str(ROOT / "recipes/demo/conf/teacher_lp_quick.yaml"),
+                                         student_config=str(ROOT / "recipes/demo/conf/student_lp_quick.yaml"),
+                                         teacher_path=str(DEMO / "teacher-lp"), overrides=["distill.kl_weight=1.0"])
+    assert [r["step"] for r in report["results"]] == ["teacher", "distill"]
+    assert all(r["samples_per_second"] > 0 for r in report["results"])
 
 
 def test_train_speed_script_compares_two_checkouts(tmp_path):

@@ -158,7 +158,7 @@ class TeacherStep(_Step):
 
     def __init__(self, cfg, batch: int, segment: int, device, seed: int = 0):
         torch.manual_seed(cfg.train.seed)
-        model = Teacher(cfg.teacher, cfg.features.n_mels).to(device)
+        model = Teacher(cfg.teacher, cfg.features.n_mels, cfg.features).to(device)
         super().__init__(model, cfg.train, device)
         self.context = model.cond.frame_context
         self.audio, self.mel = synthetic_batch(cfg.features, batch, segment, model.hop, self.context, seed, device)
@@ -180,7 +180,7 @@ class DistillStep(_Step):
 
     def __init__(self, cfg, teacher, batch: int, segment: int, device, seed: int = 0):
         torch.manual_seed(cfg.train.seed)
-        student = Student(cfg.student, cfg.features.n_mels).to(device)
+        student = Student(cfg.student, cfg.features.n_mels, cfg.features).to(device)
         super().__init__(student, cfg.train, device)
         self.teacher = teacher
         self.context = max(student.cond.frame_context, teacher.cond.frame_context)
