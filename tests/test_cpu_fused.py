@@ -149,3 +149,90 @@ def test_reference_mode_and_inference_keep_the_plain_layers():
     with torch.no_grad():
         assert not net._wants_fused(x.transpose(1, 2), None)
     assert not kernels.use_cpu_fused(x.double())
+
+
+def _small_teacher(lp=False):
+    cfg = load_config(None)
+    tc = dataclasses.replace(cfg.teacher, layers=4, stacks=2, lpc_order=8 if lp else 0, preemphasis=0.85 if lp else 0.0)
+    teacher = Teacher(tc, cfg.features.n_mels, cfg.features)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return teacher, cfg
+
+
+def test_frame_rate_path_broadcasts_one_mel_over_the_batch():
+    torch.manual_seed(5)
+    teacher, cfg = _small_teacher()
+    ctx = teacher.cond.frame_context
+    audio = quantize((0.3 * torch.randn(3, 320)).clamp(-1, 1))
+    mel = torch.randn(1, cfg.features.n_mels, 4 + 2 * ctx) - 4.0
+    _compare(lambda: teacher(audio, mel, None, ctx), list(teacher.parameters()), tol=5e-5)
+    sc = dataclasses.replace(cfg.student, flow_layers=[2, 2], stacks_per_flow=[1, 1], residual_channels=8,
+                             gate_channels=12, cond_channels=6)
+    student = Student(sc, cfg.features.n_mels, cfg.features)
+    _compare(lambda: student(torch.randn(3, 320, generator=torch.Generator().manual_seed(1)), mel,
+                             student.cond.frame_context), list(student.parameters()), tol=5e-5)
+
+
+def test_batch_of_one_and_segments_shorter_than_the_dilations():
+    torch.manual_seed(6)
+    net = WaveNet(1, 3, 8, 1, 2, 8, 12, 6, 5)  # dilations up to 128
+    for B, T in ((1, 300), (2, 3)):
+        x = torch.randn(B, 1, T, requires_grad=True)
+        c = torch.randn(B, 5, T, requires_grad=True)
+        _compare(lambda: net(x, c), [x, c] + list(net.parameters()))
+
+
+def test_threaded_passes_equal_one_thread():
+    torch.manual_seed(7)
+    net = WaveNet(1, 3, 4, 1, 3, 16, 32, 8, 6)
+    teacher, cfg = _small_teacher()
+    ctx = teacher.cond.frame_context
+    audio = quantize((0.3 * torch.randn(2, 4000)).clamp(-1, 1))
+    mel = torch.randn(2, cfg.features.n_mels, 50 + 2 * ctx) - 4.0
+    x = torch.randn(2, 1, 4000)
+    c = torch.randn(2, 6, 4000)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            net.zero_grad()
+            teacher.zero_grad()
+            out = net(x, c)
+            params = teacher(audio, mel, None, ctx)
+            (out.square().sum() + params.square().sum()).backward()
+            results.append([out.detach(), params.detach()] + [p.grad.clone() for p in list(net.parameters()) + list(teacher.parameters())])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert _rel(a, b) < 1e-5
+
+
+def test_wrong_conditioning_length_is_refused():
+    net = WaveNet(1, 3, 2, 1, 2, 8, 12, 6, 5)
+    x = torch.randn(2, 1, 50)
+    with pytest.raises((ValueError, RuntimeError)):
+        net(x, torch.randn(2, 5, 60))  # trainable weights: the fused path would pair the wrong rows
+    teacher, cfg = _small_teacher()
+    c = teacher.cond.banded(torch.randn(2, cfg.features.n_mels, 10), 0, 320)
+    with pytest.raises(ValueError, match="band"):
+        teacher.net.forward_banded(torch.randn(2, 1, 300), c.frames, c.i0, c.w)
+
+
+def test_second_backward_is_a_clear_error():
+    net = WaveNet(1, 3, 2, 1, 2, 8, 12, 6, 5)
+    x = torch.randn(2, 1, 40, requires_grad=True)
+    out = net(x, torch.randn(2, 5, 40)).square().sum()
+    (g,) = torch.autograd.grad(out, [x], create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+def test_long_utterances_with_gradients_take_the_plain_layers():
+    from wavedistill.nn.wavenet import BAND_MAX_FRAMES
+
+    teacher, _ = _small_teacher()
+    x = torch.zeros(1, 1, 80)
+    assert teacher.net.trains_fused(x, 58) and not teacher.net.trains_fused(x, BAND_MAX_FRAMES + 1)

@@ -65,7 +65,7 @@ class Teacher(nn.Module):
     def forward(self, audio: torch.Tensor, mel: torch.Tensor, speaker: torch.Tensor | None = None, context: int = 0) -> torch.Tensor:
         """Parameters for every sample of ``audio [B, T]``; ``mel`` may carry ``context`` extra frames per side."""
         x_in = F.pad(audio[:, :-1], (1, 0)).unsqueeze(1)
-        if self.net.trains_fused(x_in):  # training on a CPU: conditioning projected at frame rate (same maths)
+        if self.net.trains_fused(x_in, mel.shape[2]):  # training on a CPU: conditioning projected per frame (same maths)
             c = self.cond.banded(mel, context, audio.shape[1], speaker)
             params = self.net.forward_banded(x_in.to(c.dtype), c.frames, c.i0, c.w)
         else:

@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..kernels import cpu_fused as fk
 
@@ -54,6 +55,7 @@ class FusedStack(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, ct, cadd, P, band_w, band_i0, spec: StackSpec, *weights):
+        _check_shapes(x, ct, cadd, P, band_w, band_i0, spec, weights)
         B, T, R = x.shape
         N, K, G, S = B * T, spec.kernel_size, spec.gate, spec.skip
         H = G // 2
@@ -92,6 +94,7 @@ class FusedStack(torch.autograd.Function):
         return out.view(B, T, -1)
 
     @staticmethod
+    @once_differentiable  # the backward consumes what forward saved: one backward pass, no double backward
     def backward(ctx, gout):
         spec = ctx.spec
         B, T, R, C = ctx.shape
@@ -150,3 +153,28 @@ class FusedStack(torch.autograd.Function):
         gct_out = gct.view(B, T, C) if need_ct else None
         gcadd = gcadd.view(B, T, L * G) if gcadd is not None else None
         return (gx, gct_out, gcadd, gP if need_P else None, gbw if need_bw else None, None, None, *grads)
+
+
+def _check_shapes(x, ct, cadd, P, band_w, band_i0, spec: StackSpec, weights) -> None:
+    """The C passes index raw memory: every operand's shape is checked here (a mismatch would read or write
+    out of bounds, or silently pair rows wrongly)."""
+    L, G = len(spec.dilations), spec.gate
+    if x.dim() != 3 or x.shape[2] != spec.residual or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"FusedStack needs x [B, T, {spec.residual}] float32 on the CPU, got {tuple(x.shape)} {x.dtype}")
+    B, T, _ = x.shape
+    if len(weights) != 4 * L:
+        raise ValueError(f"FusedStack needs 4 weights per layer ({4 * L}), got {len(weights)}")
+    if spec.with_cond:
+        if ct is None or ct.dim() != 3 or ct.shape[0] not in (1, B) or ct.shape[1] != T:
+            raise ValueError(f"conditioning must be [{B} or 1, {T}, C], got {None if ct is None else tuple(ct.shape)}")
+        if weights[0].shape[0] != spec.kernel_size * spec.residual + ct.shape[2]:
+            raise ValueError(f"stacked weight rows {weights[0].shape[0]} do not match the taps and {ct.shape[2]} conditioning channels")
+    if cadd is not None and tuple(cadd.shape) != (B, T, L * G):
+        raise ValueError(f"conditioning addend must be [{B}, {T}, {L * G}], got {tuple(cadd.shape)}")
+    if P is not None:
+        if P.dim() != 3 or P.shape[0] != B or P.shape[2] != L * G or not P.is_contiguous():
+            raise ValueError(f"frame-rate projections must be contiguous [{B}, F, {L * G}], got {tuple(P.shape)}")
+        if band_w is None or band_i0 is None or band_w.dim() != 2 or band_w.shape[0] != T or tuple(band_i0.shape) != (T,):
+            raise ValueError(f"band must be i0 [{T}] and w [{T}, J]")
+        if T and (int(band_i0.min()) < 0 or int(band_i0.max()) + band_w.shape[1] > P.shape[1]):
+            raise ValueError(f"band reaches frames outside 0..{P.shape[1] - 1}")

@@ -20,6 +20,7 @@ from torch import nn
 from .. import kernels
 
 SQRT_HALF = math.sqrt(0.5)
+BAND_MAX_FRAMES = 512  # frame-rate conditioning for training segments up to this many frames (see trains_fused)
 
 
 @dataclass(frozen=True)
@@ -314,7 +315,7 @@ class WaveNet(nn.Module):
         the fused Triton kernels, where :mod:`wavedistill.kernels` selects them, :meth:`forward_channels`.
         With gradients on a CPU, the layers run as one :class:`~wavedistill.nn.fused_stack.FusedStack`."""
         if isinstance(c, BandedConditioning):
-            if self.trains_fused(x) and not kernels.use_fused(x, self.layers[0]):
+            if self.trains_fused(x, c.frames.shape[2]) and not kernels.use_fused(x, self.layers[0]):
                 return self.forward_banded(x, c.frames, c.i0, c.w)
             c = c.dense()
         if kernels.use_fused(x, self.layers[0]):
@@ -346,9 +347,11 @@ class WaveNet(nn.Module):
         y = torch.addmm(self.head2.bias, h, self.head2.weight[:, :, 0].t())
         return y.view(B, T, -1).transpose(1, 2).contiguous()
 
-    def trains_fused(self, x: torch.Tensor) -> bool:
-        """Whether :meth:`forward_banded` can run for input ``x``: gradients wanted, CPU float32, library built."""
-        return self._wants_fused(x, None, cond_ok=True)
+    def trains_fused(self, x: torch.Tensor, frames: int = 0) -> bool:
+        """Whether :meth:`forward_banded` can run for input ``x`` with ``frames`` conditioning frames: gradients
+        wanted, CPU float32, library built, and a training-sized segment (the band is found from an
+        ``[F, F·hop]`` matrix, so long utterances scored with gradients take the plain layers)."""
+        return frames <= BAND_MAX_FRAMES and self._wants_fused(x, None, cond_ok=True)
 
     def forward_banded(self, x: torch.Tensor, frames: torch.Tensor, band_i0: torch.Tensor, band_w: torch.Tensor) -> torch.Tensor:
         """:meth:`forward` with the conditioning given at frame rate, ``frames [B, C, F]``, and its upsampling as a
@@ -360,8 +363,10 @@ class WaveNet(nn.Module):
 
         B, _, T = x.shape
         h = self._input_time_major(x)
+        if frames.shape[0] != B:  # one conditioning for the whole batch
+            frames = frames.expand(B, -1, -1)
         w_all = torch.cat([m.cond.weight[:, :, 0] for m in self.layers], dim=0).t()  # [C, L·G]
-        P = torch.matmul(frames.transpose(1, 2), w_all)  # [B, F, L·G]: all layers' projections at frame rate
+        P = torch.matmul(frames.transpose(1, 2), w_all).contiguous()  # [B, F, L·G]: every layer's projection per frame
         out = FusedStack.apply(h, None, None, P, band_w, band_i0, self._spec(False), *self._stack_weights(False))
         h = out * math.sqrt(1.0 / len(self.layers)) if self.skip_channels > 0 else out
         return self._head_time_major(h)
@@ -521,6 +526,8 @@ class ConditionNet(nn.Module):
         key = (frames, length, offset)
         cache = self.__dict__.setdefault("_band_cache", {})
         if key not in cache:
+            if len(cache) >= 16:  # training uses one segment shape; never let odd shapes pile up
+                cache.clear()
             with torch.no_grad():  # the support, from all-positive filters (a superset of any filters' support)
                 u = torch.eye(frames, dtype=torch.float64)[None]
                 for s in self.scales:
