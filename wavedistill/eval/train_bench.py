@@ -111,6 +111,14 @@ def synthetic_batch(features, batch: int, segment: int, hop: int, context: int, 
     return quantize(audio.float().clamp(-1, 1)).to(device), mel.to(device)
 
 
+def _build(cls, model_cfg, features):
+    """``cls(model_cfg, n_mels[, features])``: the feature parameters only for source-filter models, so the
+    harness also drives older checkouts of the package (``--compare``), whose models take two arguments."""
+    if getattr(model_cfg, "lpc_order", 0) or getattr(model_cfg, "preemphasis", 0.0):
+        return cls(model_cfg, features.n_mels, features)
+    return cls(model_cfg, features.n_mels)
+
+
 class _Step:
     """One training step of a model with Adam, LambdaLR and EMA, as the loops run it."""
 
@@ -158,7 +166,7 @@ class TeacherStep(_Step):
 
     def __init__(self, cfg, batch: int, segment: int, device, seed: int = 0):
         torch.manual_seed(cfg.train.seed)
-        model = Teacher(cfg.teacher, cfg.features.n_mels, cfg.features).to(device)
+        model = _build(Teacher, cfg.teacher, cfg.features).to(device)
         super().__init__(model, cfg.train, device)
         self.context = model.cond.frame_context
         self.audio, self.mel = synthetic_batch(cfg.features, batch, segment, model.hop, self.context, seed, device)
@@ -180,7 +188,7 @@ class DistillStep(_Step):
 
     def __init__(self, cfg, teacher, batch: int, segment: int, device, seed: int = 0):
         torch.manual_seed(cfg.train.seed)
-        student = Student(cfg.student, cfg.features.n_mels, cfg.features).to(device)
+        student = _build(Student, cfg.student, cfg.features).to(device)
         super().__init__(student, cfg.train, device)
         self.teacher = teacher
         self.context = max(student.cond.frame_context, teacher.cond.frame_context)

@@ -26,7 +26,7 @@ _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 # -fopenmp links libgomp.so.1 by soname: the copy PyTorch has already loaded, so one OpenMP thread pool serves
 # PyTorch's GEMMs and these passes (two runtimes would spin against each other on a 2-core machine)
 _LDFLAGS = ["-fopenmp"]
-_ABI = 3
+_ABI = 4
 _lock = threading.Lock()
 _lib = None
 _error: str | None = None
@@ -35,11 +35,11 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "wf_taps": [_P, _P, _I, _I, _P, _I] + [_I] * 7,
     "wf_taps_bwd": [_P, _I, _P, _F, _P] + [_I] * 6,
-    "wf_gate": [_P, _I, _P, _I, _I, _P, _I, _I, _P, _P, _I, _P, _I, _I, _I, _I],
+    "wf_gate": [_P, _I, _P, _P, _I, _I, _P, _I, _I, _P, _P, _I, _P, _I, _I, _I, _I],
     "wf_band_bwd": [_P, _P, _I, _I, _P, _P, _I, _P, _P, _I, _I, _I, _I],
-    "wf_gate_bwd": [_P, _P, _P, _I, _I, _I, _I],
+    "wf_gate_bwd": [_P, _P, _P, _I, _P, _I, _I, _I],
     "wf_residual": [_P, _P, _I, _P, _P, _P, _I, _I, _I, _F, _I, _I],
-    "wf_pack_gy": [_P, _P, _F, _P, _I, _I, _I, _I],
+    "wf_pack_gy": [_P, _P, _F, _P, _P, _I, _I, _I, _I],
 }
 
 
@@ -97,17 +97,20 @@ def taps_backward(g: torch.Tensor, gres: torch.Tensor | None, scale: float, B: i
     return out
 
 
-def gate(h: torch.Tensor, add: torch.Tensor | None, z: torch.Tensor, T: int, band=None) -> None:
-    """In place: ``h [N, 2H]`` ← ``[tanh(a) | σ(b)]`` of ``h`` (+ ``add [B, T, ≥2H]``, any strides with unit
-    channel stride) (+ the banded conditioning ``band = (P [B, F, ≥2H] view, i0 [T] int64, w [T, J])``:
+def gate(h: torch.Tensor, add: torch.Tensor | None, z: torch.Tensor, T: int, band=None,
+         bias: torch.Tensor | None = None) -> None:
+    """In place: ``h [N, 2H]`` ← ``[tanh(a) | σ(b)]`` of ``h`` (+ ``bias [2H]``) (+ ``add [B, T, ≥2H]``, any strides
+    with unit channel stride) (+ the banded conditioning ``band = (P [B, F, ≥2H] view, i0 [T] int64, w [T, J])``:
     row ``(b, t)`` adds ``Σ_j w[t, j]·P[b, i0[t] + j]``); ``z [N, H]`` ← their product.  ``N = B·T``."""
     N, H = z.shape
     if add is not None:
         assert add.stride(2) == 1
+    if bias is not None:
+        assert bias.is_contiguous() and bias.numel() == 2 * H
     P, i0, w = band if band is not None else (None, None, None)
     if P is not None:
         assert P.stride(2) == 1 and i0.dtype == torch.int64 and i0.is_contiguous() and w.is_contiguous()
-    _lib.wf_gate(_ptr(h), h.stride(0), _ptr(add), add.stride(1) if add is not None else 0,
+    _lib.wf_gate(_ptr(h), h.stride(0), _ptr(bias), _ptr(add), add.stride(1) if add is not None else 0,
                  add.stride(0) if add is not None else 0, _ptr(P), P.stride(1) if P is not None else 0,
                  P.stride(0) if P is not None else 0, _ptr(i0), _ptr(w), w.shape[1] if w is not None else 0,
                  _ptr(z), N, T, H, _threads())
@@ -122,10 +125,14 @@ def band_backward(g: torch.Tensor, band, gP: torch.Tensor, gw: torch.Tensor, B: 
                      B, T, g.shape[1], _threads())
 
 
-def gate_backward(gz: torch.Tensor, ts: torch.Tensor, copy: torch.Tensor | None = None) -> torch.Tensor:
-    """In place: ``ts = [tanh | σ]`` ← the pre-activation gradient for ``gz [N, H]`` (also into ``copy``)."""
+def gate_backward(gz: torch.Tensor, ts: torch.Tensor, copy: torch.Tensor | None = None,
+                  colsum: torch.Tensor | None = None) -> torch.Tensor:
+    """In place: ``ts = [tanh | σ]`` ← the pre-activation gradient for ``gz [N, H]`` (also into ``copy``; its column
+    sums, the bias gradient, added to ``colsum [2H]`` float64)."""
     N, H = gz.shape
-    _lib.wf_gate_bwd(_ptr(gz), _ptr(ts), _ptr(copy), copy.stride(0) if copy is not None else 0, N, H, _threads())
+    assert colsum is None or (colsum.dtype == torch.float64 and colsum.numel() == 2 * H)
+    _lib.wf_gate_bwd(_ptr(gz), _ptr(ts), _ptr(copy), copy.stride(0) if copy is not None else 0, _ptr(colsum), N, H,
+                     _threads())
     return ts
 
 
@@ -136,9 +143,11 @@ def residual(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, out: torch.Te
                      float(scale), skip_mode, _threads())
 
 
-def pack_gy(gx: torch.Tensor, gs: torch.Tensor | None, scale: float, out: torch.Tensor) -> torch.Tensor:
-    """``out [N, R + S]`` ← ``[scale·gx | gs]``."""
+def pack_gy(gx: torch.Tensor, gs: torch.Tensor | None, scale: float, out: torch.Tensor,
+            colsum: torch.Tensor | None = None) -> torch.Tensor:
+    """``out [N, R + S]`` ← ``[scale·gx | gs]`` (its column sums added to ``colsum [R + S]`` float64)."""
     N, R = gx.shape
     S = gs.shape[1] if gs is not None else 0
-    _lib.wf_pack_gy(_ptr(gx), _ptr(gs), float(scale), _ptr(out), N, R, S, _threads())
+    assert colsum is None or (colsum.dtype == torch.float64 and colsum.numel() == R + S)
+    _lib.wf_pack_gy(_ptr(gx), _ptr(gs), float(scale), _ptr(out), _ptr(colsum), N, R, S, _threads())
     return out

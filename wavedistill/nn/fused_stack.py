@@ -71,10 +71,11 @@ class FusedStack(torch.autograd.Function):
         for l in range(L):
             W_st, b_conv, W_out, b_out = weights[4 * l : 4 * l + 4]
             fk.taps(cur.view(B, T, R), ctc, K, spec.dilations[l], stacked)
-            h = torch.addmm(b_conv, stacked, W_st)
+            h = torch.mm(stacked, W_st)  # the bias is added in the gate pass (no broadcast copy for addmm)
             z = x.new_empty(N, H)
             band = (P[:, :, l * G : (l + 1) * G], band_i0, band_w) if P is not None else None
-            fk.gate(h, cadd[:, :, l * G : (l + 1) * G] if cadd is not None else None, z, T, band)
+            fk.gate(h, cadd[:, :, l * G : (l + 1) * G] if cadd is not None else None, z, T, band,
+                    b_conv.detach().contiguous())
             width = W_out.shape[1]
             if width not in ys:
                 ys[width] = x.new_empty(N, width)
@@ -106,12 +107,13 @@ class FusedStack(torch.autograd.Function):
         need_w = ctx.needs_input_grad[7:]
         gout = gout.contiguous().view(N, -1)
         gS = gout if S else None
+        gS_colsum = gS.sum(0, dtype=torch.float64) if S else None  # the skip part of every layer's bias gradient
         g_x = None if S else gout
         gy_buf = gout.new_empty(N, R + S)
         gz = gout.new_empty(N, H)
         rows = K * R + (C if need_ct else 0)  # rows of W_st whose input gradient is needed
         gst = gout.new_empty(N, rows)
-        stacked = gout.new_empty(N, K * R + C) if any(need_w) else None
+        stacked = gout.new_empty(N, K * R + C) if any(need_w[4 * l] for l in range(L)) else None
         gx_bufs = [gout.new_empty(N, R), gout.new_empty(N, R)]
         gcadd = gout.new_zeros(N, L * G) if need_cadd else None
         gct = gout.new_zeros(N, C) if need_ct else None
@@ -121,26 +123,29 @@ class FusedStack(torch.autograd.Function):
         for l in reversed(range(L)):
             W_st, b_conv, W_out, b_out = weights[4 * l : 4 * l + 4]
             has_res = spec.has_res[l]
+            db_out = gout.new_zeros(W_out.shape[1], dtype=torch.float64) if need_w[4 * l + 3] else None
             if has_res:
-                gy = fk.pack_gy(g_x if g_x is not None else gx_bufs[0].zero_(), gS, SQRT_HALF, gy_buf)
+                gy = fk.pack_gy(g_x if g_x is not None else gx_bufs[0].zero_(), gS, SQRT_HALF, gy_buf, db_out)
             else:
                 gy = gS
+                if db_out is not None:
+                    db_out += gS_colsum if gS_colsum is not None else gS.sum(0, dtype=torch.float64)
             if need_w[4 * l + 2]:
                 grads[4 * l + 2] = ctx.zs[l].t().mm(gy)
-            if need_w[4 * l + 3]:
-                grads[4 * l + 3] = gy.sum(0)
+            if db_out is not None:
+                grads[4 * l + 3] = db_out.to(gout.dtype)
             torch.mm(gy, W_out.t(), out=gz)
-            gh = fk.gate_backward(gz, ctx.tss[l], gcadd[:, l * G : (l + 1) * G] if need_cadd else None)
+            db_conv = gout.new_zeros(G, dtype=torch.float64) if need_w[4 * l + 1] else None
+            gh = fk.gate_backward(gz, ctx.tss[l], gcadd[:, l * G : (l + 1) * G] if need_cadd else None, db_conv)
             ctx.tss[l] = None
+            if db_conv is not None:
+                grads[4 * l + 1] = db_conv.to(gout.dtype)
             if gP is not None:
                 sl = slice(l * G, (l + 1) * G)
                 fk.band_backward(gh, (P[:, :, sl], band_i0, band_w), gP[:, :, sl], gbw, B, T)
-            if need_w[4 * l] or need_w[4 * l + 1]:
+            if need_w[4 * l]:
                 fk.taps(ctx.inputs[l].view(B, T, R), ctc, K, spec.dilations[l], stacked)
-                if need_w[4 * l]:
-                    grads[4 * l] = stacked.t().mm(gh)
-                if need_w[4 * l + 1]:
-                    grads[4 * l + 1] = gh.sum(0)
+                grads[4 * l] = stacked.t().mm(gh)
             if l == 0 and not need_x and not need_ct:
                 break
             g = torch.mm(gh, W_st[:rows].t(), out=gst)
@@ -178,3 +183,4 @@ def _check_shapes(x, ct, cadd, P, band_w, band_i0, spec: StackSpec, weights) -> 
             raise ValueError(f"band must be i0 [{T}] and w [{T}, J]")
         if T and (int(band_i0.min()) < 0 or int(band_i0.max()) + band_w.shape[1] > P.shape[1]):
             raise ValueError(f"band reaches frames outside 0..{P.shape[1] - 1}")
+

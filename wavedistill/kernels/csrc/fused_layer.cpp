@@ -53,11 +53,21 @@ void parallel_rows(int64_t n, int64_t threads, int64_t row_cost, F fn) {
   }
 }
 
+// Column sums of row blocks, accumulated in double per thread and merged once per thread.
+struct ColSum {
+  double* out;  // [width], zeroed by the caller
+  int64_t width;
+  void merge(const std::vector<double>& part) const {
+#pragma omp critical(wf_colsum)
+    for (int64_t j = 0; j < width; ++j) out[j] += part[j];
+  }
+};
+
 }  // namespace
 
 extern "C" {
 
-int wf_abi_version() { return 3; }
+int wf_abi_version() { return 4; }
 
 // out [B·T, ldo]: columns [k·R, (k+1)·R) hold x[b, t - (K-1-k)·d] (0 before t = 0), columns [K·R, K·R + C)
 // hold cond[b, t] (cond row stride ldc, batch stride cond_bstride: 0 broadcasts one row set to every b).
@@ -117,19 +127,23 @@ void wf_taps_bwd(const float* g, int64_t ldg, const float* gres, float c, float*
   });
 }
 
-// h [N, ldh] (first 2H columns used) ← [tanh(a) | σ(b)] with [a | b] = h[:, :2H] (+ add[:, :2H]) (+ the banded
+// h [N, ldh] (first 2H columns used) ← [tanh(a) | σ(b)] with [a | b] = h[:, :2H] (+ bias) (+ add[:, :2H]) (+ the banded
 // conditioning below); z [N, H] = tanh(a)·σ(b).  add (row stride ldadd, batch stride add_bs over rows of T) may
 // be null.  Banded conditioning (P null: none): row (b, t) adds Σ_{j<J} w[t, j] · P[b, i0[t] + j, :2H], with P's
 // frame stride P_ld and batch stride P_bs — a conditioning projection computed at frame rate and upsampled
 // by a linear map of band J, applied here instead of materialising the upsampled projection.
-void wf_gate(float* h, int64_t ldh, const float* add, int64_t ldadd, int64_t add_bs, const float* P, int64_t P_ld,
-             int64_t P_bs, const int64_t* i0, const float* w, int64_t J, float* z, int64_t N, int64_t T, int64_t H,
-             int64_t threads) {
+void wf_gate(float* h, int64_t ldh, const float* bias, const float* add, int64_t ldadd, int64_t add_bs, const float* P,
+             int64_t P_ld, int64_t P_bs, const int64_t* i0, const float* w, int64_t J, float* z, int64_t N, int64_t T,
+             int64_t H, int64_t threads) {
   parallel_rows(N, threads, (3 + J) * H, [=](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t b = i / T, t = i % T;
       float* a = h + i * ldh;
       float* zi = z + i * H;
+      if (bias != nullptr) {
+#pragma omp simd
+        for (int64_t j = 0; j < 2 * H; ++j) a[j] += bias[j];
+      }
       if (add != nullptr) {
         const float* ad = add + b * add_bs + t * ldadd;
 #pragma omp simd
@@ -196,8 +210,11 @@ void wf_band_bwd(const float* g, const float* P, int64_t P_ld, int64_t P_bs, con
 
 // ts [N, 2H] = [tanh | σ] from wf_gate ← the gradient of the pre-activations given gz [N, H];
 // also written to copy [N, ldcopy] when copy is not null.
-void wf_gate_bwd(const float* gz, float* ts, float* copy, int64_t ldcopy, int64_t N, int64_t H, int64_t threads) {
+void wf_gate_bwd(const float* gz, float* ts, float* copy, int64_t ldcopy, double* colsum, int64_t N, int64_t H,
+                 int64_t threads) {
+  const ColSum cs{colsum, 2 * H};
   parallel_rows(N, threads, 3 * H, [=](int64_t lo, int64_t hi) {
+    std::vector<double> part(colsum != nullptr ? 2 * H : 0, 0.0);
     for (int64_t i = lo; i < hi; ++i) {
       float* a = ts + i * 2 * H;
       const float* g = gz + i * H;
@@ -212,7 +229,11 @@ void wf_gate_bwd(const float* gz, float* ts, float* copy, int64_t ldcopy, int64_
 #pragma omp simd
         for (int64_t j = 0; j < 2 * H; ++j) o[j] = a[j];
       }
+      if (colsum != nullptr) {
+        for (int64_t j = 0; j < 2 * H; ++j) part[j] += a[j];
+      }
     }
+    if (colsum != nullptr) cs.merge(part);
   });
 }
 
@@ -246,9 +267,12 @@ void wf_residual(const float* x, const float* y, int64_t ldy, const float* b, fl
   });
 }
 
-// gy [N, R + S] = [c·gx | gs]  (gs may be null when S = 0)
-void wf_pack_gy(const float* gx, const float* gs, float c, float* gy, int64_t N, int64_t R, int64_t S, int64_t threads) {
+// gy [N, R + S] = [c·gx | gs]  (gs may be null when S = 0); colsum (if not null) += the column sums of gy.
+void wf_pack_gy(const float* gx, const float* gs, float c, float* gy, double* colsum, int64_t N, int64_t R, int64_t S,
+                int64_t threads) {
+  const ColSum cs{colsum, R + S};
   parallel_rows(N, threads, R + S, [=](int64_t lo, int64_t hi) {
+    std::vector<double> part(colsum != nullptr ? R + S : 0, 0.0);
     for (int64_t i = lo; i < hi; ++i) {
       float* o = gy + i * (R + S);
       const float* g = gx + i * R;
@@ -259,7 +283,11 @@ void wf_pack_gy(const float* gx, const float* gs, float c, float* gy, int64_t N,
 #pragma omp simd
         for (int64_t r = 0; r < S; ++r) o[R + r] = s[r];
       }
+      if (colsum != nullptr) {
+        for (int64_t r = 0; r < R + S; ++r) part[r] += o[r];
+      }
     }
+    if (colsum != nullptr) cs.merge(part);
   });
 }
 
