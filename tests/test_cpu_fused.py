@@ -95,15 +95,22 @@ def test_upsample_band_rejects_samples_past_the_frames():
         cond.upsample_band(3, 61, 0)
 
 
-@pytest.mark.parametrize("lp", [False, True])
-def test_teacher_fused_frame_rate_matches(lp):
-    torch.manual_seed(3)
+def _small_teacher(lp=False, layers=4):
+    """A demo-feature teacher of ``layers`` layers with weights moved off their initialisation."""
     cfg = load_config(None)
-    tc = dataclasses.replace(cfg.teacher, layers=6, stacks=2, lpc_order=8 if lp else 0, preemphasis=0.85 if lp else 0.0)
+    tc = dataclasses.replace(cfg.teacher, layers=layers, stacks=2, lpc_order=8 if lp else 0,
+                             preemphasis=0.85 if lp else 0.0)
     teacher = Teacher(tc, cfg.features.n_mels, cfg.features)
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    return teacher, cfg
+
+
+@pytest.mark.parametrize("lp", [False, True])
+def test_teacher_fused_frame_rate_matches(lp):
+    torch.manual_seed(3)
+    teacher, cfg = _small_teacher(lp, layers=6)
     ctx = teacher.cond.frame_context
     audio = quantize((0.3 * torch.randn(2, 640)).clamp(-1, 1))
     mel = torch.randn(2, cfg.features.n_mels, 8 + 2 * ctx) - 4.0
@@ -149,16 +156,6 @@ def test_reference_mode_and_inference_keep_the_plain_layers():
     with torch.no_grad():
         assert not net._wants_fused(x.transpose(1, 2), None)
     assert not kernels.use_cpu_fused(x.double())
-
-
-def _small_teacher(lp=False):
-    cfg = load_config(None)
-    tc = dataclasses.replace(cfg.teacher, layers=4, stacks=2, lpc_order=8 if lp else 0, preemphasis=0.85 if lp else 0.0)
-    teacher = Teacher(tc, cfg.features.n_mels, cfg.features)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return teacher, cfg
 
 
 def test_frame_rate_path_broadcasts_one_mel_over_the_batch():

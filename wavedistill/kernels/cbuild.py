@@ -76,3 +76,49 @@ def build(prefix: str, source: Path, cflags: list[str], ldflags: list[str] | Non
         build_directory=str(build_dir), is_python_module=False, with_cuda=False, verbose=verbose,
     )
     return ctypes.CDLL(str(path)), str(path)
+
+
+class CompiledLibrary:
+    """A C-ABI library built and loaded once per process, thread-safe; ``None`` plus the reason when it cannot be.
+
+    ``abi_symbol``/``abi``: the library's version function and the version this Python side expects;
+    ``signatures``: ``{function: argtypes}`` (all return ``void``).  Any failure — no compiler, a read-only
+    cache, ``WAVEDISTILL_NO_FASTGEN=1`` — is kept as :meth:`error` and the caller takes its PyTorch path.
+    """
+
+    def __init__(self, prefix: str, source: Path, cflags: list[str], ldflags: list[str] | None, abi_symbol: str,
+                 abi: int, signatures: dict):
+        import threading
+
+        self.prefix, self.source, self.cflags, self.ldflags = prefix, source, cflags, ldflags
+        self.abi_symbol, self.abi, self.signatures = abi_symbol, abi, signatures
+        self._lock = threading.Lock()
+        self._lib = None
+        self._error: str | None = None
+
+    def load(self):
+        with self._lock:
+            if self._lib is not None or self._error is not None:
+                return self._lib
+            try:
+                if disabled():
+                    raise RuntimeError("disabled by WAVEDISTILL_NO_FASTGEN")
+                lib, path = build(self.prefix, self.source, self.cflags, self.ldflags)
+                version = getattr(lib, self.abi_symbol)()
+                if version != self.abi:
+                    raise RuntimeError(f"{path} has ABI {version}, expected {self.abi}")
+                for name, args in self.signatures.items():
+                    getattr(lib, name).argtypes = args
+                    getattr(lib, name).restype = None
+                self._lib = lib
+            except Exception as e:  # no compiler, read-only cache, ...: the caller's PyTorch path still works
+                self._error = f"{type(e).__name__}: {e}".strip()
+            return self._lib
+
+    def available(self) -> bool:
+        return self.load() is not None
+
+    def error(self) -> str | None:
+        """Why :meth:`available` is False (``None`` when it is True)."""
+        self.load()
+        return self._error

@@ -14,7 +14,6 @@ layers run.  Float32 CPU tensors only; every array passed must be contiguous row
 from __future__ import annotations
 
 import ctypes
-import threading
 from pathlib import Path
 
 import torch
@@ -27,12 +26,8 @@ _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 # PyTorch's GEMMs and these passes (two runtimes would spin against each other on a 2-core machine)
 _LDFLAGS = ["-fopenmp"]
 _ABI = 4
-_lock = threading.Lock()
-_lib = None
-_error: str | None = None
-
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-_SIGNATURES = {
+_LIBRARY = cbuild.CompiledLibrary("wavedistill_fused_layer", _SOURCE, _CFLAGS, _LDFLAGS, "wf_abi_version", _ABI, {
     "wf_taps": [_P, _P, _I, _I, _P, _I] + [_I] * 7,
     "wf_taps_bwd": [_P, _I, _P, _F, _P] + [_I] * 6,
     "wf_gate": [_P, _I, _P, _P, _I, _I, _P, _I, _I, _P, _P, _I, _P, _I, _I, _I, _I],
@@ -40,36 +35,23 @@ _SIGNATURES = {
     "wf_gate_bwd": [_P, _P, _P, _I, _P, _I, _I, _I],
     "wf_residual": [_P, _P, _I, _P, _P, _P, _I, _I, _I, _F, _I, _I],
     "wf_pack_gy": [_P, _P, _F, _P, _P, _I, _I, _I, _I],
-}
-
-
-def _load():
-    global _lib, _error
-    with _lock:
-        if _lib is not None or _error is not None:
-            return _lib
-        try:
-            if cbuild.disabled():
-                raise RuntimeError("disabled by WAVEDISTILL_NO_FASTGEN")
-            lib, path = cbuild.build("wavedistill_fused_layer", _SOURCE, _CFLAGS, _LDFLAGS)
-            if lib.wf_abi_version() != _ABI:
-                raise RuntimeError(f"{path} has ABI {lib.wf_abi_version()}, expected {_ABI}")
-            for name, args in _SIGNATURES.items():
-                getattr(lib, name).argtypes = args
-                getattr(lib, name).restype = None
-            _lib = lib
-        except Exception as e:  # no compiler, read-only cache, ...: the PyTorch layers still work
-            _error = f"{type(e).__name__}: {e}".strip()
-        return _lib
+})
+_lib = None  # the loaded library, set by available()
 
 
 def available() -> bool:
-    return _load() is not None
+    """Whether the library builds and loads here (built on the first call)."""
+    global _lib
+    _lib = _LIBRARY.load()
+    return _lib is not None
 
 
 def build_error() -> str | None:
-    _load()
-    return _error
+    return _LIBRARY.error()
+
+
+def _L():
+    return _lib if _lib is not None else _LIBRARY.load()
 
 
 def _ptr(t: torch.Tensor | None):
@@ -85,14 +67,14 @@ def taps(x: torch.Tensor, cond: torch.Tensor | None, kernel_size: int, dilation:
     B, T, R = x.shape
     C = cond.shape[2] if cond is not None else 0
     cb = 0 if cond is None or cond.shape[0] == 1 else T * C
-    _lib.wf_taps(_ptr(x), _ptr(cond), C, cb, _ptr(out), out.shape[1], B, T, R, C, kernel_size, dilation, _threads())
+    _L().wf_taps(_ptr(x), _ptr(cond), C, cb, _ptr(out), out.shape[1], B, T, R, C, kernel_size, dilation, _threads())
     return out
 
 
 def taps_backward(g: torch.Tensor, gres: torch.Tensor | None, scale: float, B: int, T: int, R: int,
                   kernel_size: int, dilation: int, out: torch.Tensor) -> torch.Tensor:
     """``out [B·T, R]`` ← ``scale·gres + Σ_k g[t + (K−1−k)d, tap k]`` (the adjoint of :func:`taps`, taps only)."""
-    _lib.wf_taps_bwd(_ptr(g), g.stride(0), _ptr(gres), float(scale), _ptr(out), B, T, R, kernel_size, dilation,
+    _L().wf_taps_bwd(_ptr(g), g.stride(0), _ptr(gres), float(scale), _ptr(out), B, T, R, kernel_size, dilation,
                      _threads())
     return out
 
@@ -110,7 +92,7 @@ def gate(h: torch.Tensor, add: torch.Tensor | None, z: torch.Tensor, T: int, ban
     P, i0, w = band if band is not None else (None, None, None)
     if P is not None:
         assert P.stride(2) == 1 and i0.dtype == torch.int64 and i0.is_contiguous() and w.is_contiguous()
-    _lib.wf_gate(_ptr(h), h.stride(0), _ptr(bias), _ptr(add), add.stride(1) if add is not None else 0,
+    _L().wf_gate(_ptr(h), h.stride(0), _ptr(bias), _ptr(add), add.stride(1) if add is not None else 0,
                  add.stride(0) if add is not None else 0, _ptr(P), P.stride(1) if P is not None else 0,
                  P.stride(0) if P is not None else 0, _ptr(i0), _ptr(w), w.shape[1] if w is not None else 0,
                  _ptr(z), N, T, H, _threads())
@@ -121,7 +103,7 @@ def band_backward(g: torch.Tensor, band, gP: torch.Tensor, gw: torch.Tensor, B: 
     ``gP`` (same layout as the band's ``P`` view) and ``gw [T, J]`` (contiguous)."""
     P, i0, w = band
     assert gP.stride() == P.stride() and gw.is_contiguous()
-    _lib.wf_band_bwd(_ptr(g), _ptr(P), P.stride(1), P.stride(0), _ptr(i0), _ptr(w), w.shape[1], _ptr(gP), _ptr(gw),
+    _L().wf_band_bwd(_ptr(g), _ptr(P), P.stride(1), P.stride(0), _ptr(i0), _ptr(w), w.shape[1], _ptr(gP), _ptr(gw),
                      B, T, g.shape[1], _threads())
 
 
@@ -131,7 +113,7 @@ def gate_backward(gz: torch.Tensor, ts: torch.Tensor, copy: torch.Tensor | None 
     sums, the bias gradient, added to ``colsum [2H]`` float64)."""
     N, H = gz.shape
     assert colsum is None or (colsum.dtype == torch.float64 and colsum.numel() == 2 * H)
-    _lib.wf_gate_bwd(_ptr(gz), _ptr(ts), _ptr(copy), copy.stride(0) if copy is not None else 0, _ptr(colsum), N, H,
+    _L().wf_gate_bwd(_ptr(gz), _ptr(ts), _ptr(copy), copy.stride(0) if copy is not None else 0, _ptr(colsum), N, H,
                      _threads())
     return ts
 
@@ -139,7 +121,7 @@ def gate_backward(gz: torch.Tensor, ts: torch.Tensor, copy: torch.Tensor | None 
 def residual(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, out: torch.Tensor | None,
              skips: torch.Tensor | None, R: int, S: int, scale: float, skip_mode: int) -> None:
     """``out = (x + y[:, :R] + b[:R])·scale``; ``skips`` ``=`` (mode 1) or ``+=`` (mode 2) the skip columns + bias."""
-    _lib.wf_residual(_ptr(x), _ptr(y), y.stride(0), _ptr(bias), _ptr(out), _ptr(skips), y.shape[0], R, S,
+    _L().wf_residual(_ptr(x), _ptr(y), y.stride(0), _ptr(bias), _ptr(out), _ptr(skips), y.shape[0], R, S,
                      float(scale), skip_mode, _threads())
 
 
@@ -149,5 +131,5 @@ def pack_gy(gx: torch.Tensor, gs: torch.Tensor | None, scale: float, out: torch.
     N, R = gx.shape
     S = gs.shape[1] if gs is not None else 0
     assert colsum is None or (colsum.dtype == torch.float64 and colsum.numel() == R + S)
-    _lib.wf_pack_gy(_ptr(gx), _ptr(gs), float(scale), _ptr(out), _ptr(colsum), N, R, S, _threads())
+    _L().wf_pack_gy(_ptr(gx), _ptr(gs), float(scale), _ptr(out), _ptr(colsum), N, R, S, _threads())
     return out

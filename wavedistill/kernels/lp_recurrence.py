@@ -30,7 +30,6 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import threading
 from pathlib import Path
 
 import torch
@@ -40,34 +39,19 @@ from . import cbuild
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "lp_recurrence.cpp"
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno"]
 _ABI = 1
-_lock = threading.Lock()
-_lib = None
-_error: str | None = None
+_p, _i64 = ctypes.c_void_p, ctypes.c_int64
+_LIBRARY = cbuild.CompiledLibrary("wavedistill_lp_recurrence", _SOURCE, _CFLAGS, None, "lpr_abi_version", _ABI, {
+    "lpr_forward_f32": [_p] * 4 + [_i64] * 7, "lpr_forward_f64": [_p] * 4 + [_i64] * 7,
+    "lpr_adjoint_f32": [_p] * 3 + [_i64] * 7, "lpr_adjoint_f64": [_p] * 3 + [_i64] * 7,
+})
+_lib = None  # the loaded library, set by _load()
 
 
 def _load():
     """Build (once per CPU kind and source version) and load the library; ``None`` with :func:`build_error` if impossible."""
-    global _lib, _error
-    with _lock:
-        if _lib is not None or _error is not None:
-            return _lib
-        try:
-            if cbuild.disabled():
-                raise RuntimeError("disabled by WAVEDISTILL_NO_FASTGEN")
-            lib, path = cbuild.build("wavedistill_lp_recurrence", _SOURCE, _CFLAGS)
-            if lib.lpr_abi_version() != _ABI:
-                raise RuntimeError(f"{path} has ABI {lib.lpr_abi_version()}, expected {_ABI}")
-            p, i64 = ctypes.c_void_p, ctypes.c_int64
-            for name in ("lpr_forward_f32", "lpr_forward_f64"):
-                getattr(lib, name).argtypes = [p, p, p, p] + [i64] * 7
-                getattr(lib, name).restype = None
-            for name in ("lpr_adjoint_f32", "lpr_adjoint_f64"):
-                getattr(lib, name).argtypes = [p, p, p] + [i64] * 7
-                getattr(lib, name).restype = None
-            _lib = lib
-        except Exception as e:  # no compiler, read-only cache, ...: the blocked path still works
-            _error = f"{type(e).__name__}: {e}".strip()
-        return _lib
+    global _lib
+    _lib = _LIBRARY.load()
+    return _lib
 
 
 def compiled_available() -> bool:
@@ -75,8 +59,7 @@ def compiled_available() -> bool:
 
 
 def build_error() -> str | None:
-    _load()
-    return _error
+    return _LIBRARY.error()
 
 
 def frame_index(n: int, frames: int, hop: int, start: int, device=None) -> torch.Tensor:
