@@ -297,7 +297,10 @@ def test_configure_applies_the_train_config_key(monkeypatch, interpret):
     assert kernels.get_mode() == "triton"  # restoring() gave the run's setting back
     assert kernels.configure("auto", "cpu") == "triton"  # auto defers to WAVEDISTILL_KERNELS
     monkeypatch.delenv(kernels.ENV_VAR)
-    assert kernels.configure("auto", "cpu") == "reference"
+    from wavedistill.kernels import cpu_fused
+
+    # auto on a CPU: the fused CPU training stack where its library builds, else the reference layers
+    assert kernels.configure("auto", "cpu") == ("cpu-fused" if cpu_fused.available() else "reference")
     with kernels.use_mode("reference"):
         assert kernels.configure("auto", "cpu") == "reference"  # a caller's use_mode survives auto
     assert kernels.configure("triton", "cpu") == "triton"  # possible here: TRITON_INTERPRET=1

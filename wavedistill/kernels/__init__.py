@@ -119,7 +119,8 @@ def _triton_error(device: torch.device) -> str | None:
 
 
 def configure(mode: str, device: torch.device | str | None = None) -> str:
-    """Apply the ``train.kernels`` config key; returns the implementation ``device`` will get (for the log).
+    """Apply the ``train.kernels`` config key; returns the implementation ``device`` will get (for the log):
+    ``triton``, ``cpu-fused`` (:mod:`wavedistill.kernels.cpu_fused` for training on a CPU) or ``reference``.
 
     The training loops call this once before the first step, inside :func:`restoring`, so the setting
     ends with the run.  ``auto`` leaves the mode in force alone (a caller's :func:`use_mode`, else
@@ -139,6 +140,8 @@ def configure(mode: str, device: torch.device | str | None = None) -> str:
         return "triton"
     if mode == "auto" and device.type == "cuda" and triton_available():
         return "triton"
+    if mode == "auto" and device.type == "cpu" and _cpu_fused_available():
+        return "cpu-fused"  # training steps with gradients take the fused CPU stack (use_cpu_fused)
     return "reference"
 
 
@@ -194,6 +197,12 @@ def residual_layer(layer, x: torch.Tensor, c: torch.Tensor | None):
     return out, (outs[-1] if p.skip_w is not None else None)
 
 
+def _cpu_fused_available() -> bool:
+    from . import cpu_fused
+
+    return cpu_fused.available()
+
+
 def use_cpu_fused(x: torch.Tensor) -> bool:
     """Whether a CPU float32 residual stack should train through :class:`wavedistill.nn.fused_stack.FusedStack`
     (the compiled element-wise passes of :mod:`wavedistill.kernels.cpu_fused`): in ``auto`` mode only, not
@@ -203,6 +212,4 @@ def use_cpu_fused(x: torch.Tensor) -> bool:
         return False
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
         return False
-    from . import cpu_fused
-
-    return cpu_fused.available()
+    return _cpu_fused_available()
