@@ -63,6 +63,21 @@ def test_short_distillation_against_demo_teacher_lowers_kl_and_stft(demo_cache, 
     assert set(state["params"]) == set(model.state_dict())
 
 
+def test_kl_start_step_trains_on_the_stft_loss_alone_first(demo_cache, tmp_path):
+    """distill.kl_start_step=4: steps 0-3 have no KL term (no teacher pass: NaN in the log), later steps do."""
+    overrides = [o for o in STUDENT_OVERRIDES if not o.startswith("train.log_every")]
+    result = distill(REPO / "recipes" / "demo" / "conf" / "student.yaml", DEMO_TEACHER, demo_cache, tmp_path / "exp",
+                     overrides=overrides + ["train.log_every=1", "distill.kl_start_step=4"], max_steps=7)
+    train = [h for h in result["history"] if "train_kl" in h]
+    before = [h for h in train if h["step"] <= 4]  # a record at step s logs the update of step s - 1
+    after = [h for h in train if h["step"] > 4]
+    assert before and after
+    assert all(h["train_kl"] != h["train_kl"] for h in before), before  # NaN: never computed
+    assert all(abs(h["train_kl"]) < 1e6 and h["train_kl"] == h["train_kl"] for h in after), after
+    with pytest.raises(UserError, match="kl_start_step"):
+        load_config(REPO / "recipes" / "demo" / "conf" / "student.yaml", ["distill.kl_start_step=-1"])
+
+
 def test_frozen_teacher_gets_no_gradients_and_wrong_kind_is_refused(tmp_path):
     assert (DEMO_TEACHER / "model.safetensors").is_file()
     cfg = load_config(REPO / "recipes" / "demo" / "conf" / "student.yaml")

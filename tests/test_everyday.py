@@ -356,3 +356,16 @@ def test_eval_wav_dir_and_out_manifest(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(STUDENT), "--data", str(wavs), "--out", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err
     assert f"--wav-dir {wavs}" in err and f"--out wavs-features" in err and not (tmp_path / "r2").exists()
+
+
+def test_resume_treats_settings_added_after_the_checkpoint_as_their_defaults():
+    """A checkpoint written before a setting existed was trained with its default: only other values are changes."""
+    from wavedistill.config import Config
+    from wavedistill.train.experiment import changed_settings
+
+    now = Config().to_dict()
+    saved = Config().to_dict()
+    del saved["distill"]["kl_start_step"]  # as a checkpoint of an older version stores it
+    assert changed_settings(saved, now) == []
+    now["distill"]["kl_start_step"] = 100
+    assert changed_settings(saved, now) == [("distill.kl_start_step", 0, 100)]

@@ -227,6 +227,8 @@ class DistillConfig:
     loss: Literal["parallel_wavenet", "clarinet"] = "parallel_wavenet"
     ce_samples: int = 16
     kl_weight: float = 1.0
+    # steps trained on the STFT loss alone (no teacher pass) before the KL term joins; 0: KL from the start
+    kl_start_step: int = 0
     stft_weight: float = 1.0
     stft_fft_sizes: list[int] = field(default_factory=lambda: [512, 256, 128])
     stft_hop_sizes: list[int] = field(default_factory=lambda: [128, 64, 32])
@@ -245,7 +247,7 @@ class DistillConfig:
         for n, h, w in zip(self.stft_fft_sizes, self.stft_hop_sizes, self.stft_win_sizes):
             if n <= 0 or h <= 0 or w <= 0 or w > n:
                 raise UserError(f"STFT resolution (fft={n}, hop={h}, win={w}) is invalid; need positive sizes and win <= fft")
-        for name in ("kl_weight", "stft_weight", "contrastive_weight", "clarinet_reg"):
+        for name in ("kl_weight", "stft_weight", "contrastive_weight", "clarinet_reg", "kl_start_step"):
             if getattr(self, name) < 0:
                 raise UserError(f"distill.{name} must be >= 0")
 
@@ -350,6 +352,7 @@ KEY_DOCS: dict[str, str] = {
     "distill.loss": "parallel_wavenet (Monte Carlo cross-entropy) or clarinet (closed-form Gaussian KL)",
     "distill.ce_samples": "teacher-scored draws per timestep in the cross-entropy estimate",
     "distill.kl_weight": "weight of the KL term",
+    "distill.kl_start_step": "steps on the STFT loss alone (no teacher pass) before the KL term joins (0: from the start)",
     "distill.stft_weight": "weight of the multi-resolution STFT-magnitude loss",
     "distill.stft_fft_sizes": "FFT sizes of the STFT loss resolutions",
     "distill.stft_hop_sizes": "hop sizes of the STFT loss resolutions",

@@ -109,6 +109,7 @@ class DistillObjective(Objective):
         rows = (rank * per, tc.batch_size)
         u = torch.rand((tc.batch_size, audio.shape[1]), generator=g, dtype=torch.float64)[rows[0] : rows[0] + per]
         z = self.raw.noise_from_uniform(u).float().to(self.device)
+        self.loss_fn.kl_off = index // self.cfg.train.grad_accum < self.cfg.distill.kl_start_step  # STFT-only warm-up
         total, terms, _ = self.loss_fn(z, audio, mel, self.context, g, rows)
         return total, terms
 

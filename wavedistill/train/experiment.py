@@ -51,13 +51,19 @@ SIGNAL_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def changed_settings(saved: dict, now: dict) -> list[tuple[str, Any, Any]]:
-    """``(section.key, old, new)`` for every train/distill setting that differs between two config dicts."""
+    """``(section.key, old, new)`` for every train/distill setting that differs between two config dicts.
+
+    A key the saved config lacks (a setting added to the package after the checkpoint was written) counts as its
+    default, which is what the run was trained with."""
+    defaults = Config().to_dict()
     out = []
     for section in CHECKED_SECTIONS:
         old_s, new_s = saved.get(section) or {}, now.get(section) or {}
+        default_s = defaults.get(section) or {}
         for key in sorted(set(old_s) | set(new_s)):
-            if old_s.get(key) != new_s.get(key):
-                out.append((f"{section}.{key}", old_s.get(key), new_s.get(key)))
+            old = old_s[key] if key in old_s else default_s.get(key)
+            if old != new_s.get(key):
+                out.append((f"{section}.{key}", old, new_s.get(key)))
     return out
 
 

@@ -110,6 +110,7 @@ class DistillationLoss:
 
     def __init__(self, cfg, teacher, student):
         self.cfg = cfg
+        self.kl_off = False  # set per step by the objective before distill.kl_start_step
         self.teacher = teacher
         self.student = student  # may be wrapped (DistributedDataParallel); called through the wrapper
         student = getattr(student, "module", student)
@@ -137,15 +138,16 @@ class DistillationLoss:
     def __call__(self, z, audio, mel, context: int, generator: torch.Generator | None = None,
                  rows: tuple[int, int] | None = None):
         cfg = self.cfg
+        kl_weight = 0.0 if self.kl_off else cfg.kl_weight
         x, mu, log_s = self.student(z, mel, context)
-        if cfg.kl_weight == 0 and torch.is_grad_enabled():
+        if kl_weight == 0 and torch.is_grad_enabled():
             # STFT-only training: the teacher pass would only feed a zero-weighted term (validation,
             # under no_grad, still reports the KL)
             kl = kl_raw = ce = ent = torch.full((), float("nan"), device=x.device)
         else:
             kl, kl_raw, ce, ent = self.kl_terms(x, mu, log_s, mel, context, generator, rows)
         stft = stft_loss(x, audio, cfg.stft_fft_sizes, cfg.stft_hop_sizes, cfg.stft_win_sizes)
-        total = cfg.stft_weight * stft if cfg.kl_weight == 0 else cfg.kl_weight * kl + cfg.stft_weight * stft
+        total = cfg.stft_weight * stft if kl_weight == 0 else kl_weight * kl + cfg.stft_weight * stft
         terms = {"kl": kl_raw.item(), "kl_clipped": kl.item(), "cross_entropy": ce.item(), "entropy": ent.item(), "stft": stft.item(),
                  "log_s_tot": upcast(log_s).mean().item()}
         if cfg.contrastive_weight > 0 and mel.shape[0] > 1:
