@@ -1,8 +1,11 @@
-"""GPU kernels and the switch that chooses between them and the reference PyTorch code.
+"""Fused kernels (Triton for GPUs, compiled C++ for CPU training) and the switch that chooses between them and
+the reference PyTorch code.
 
 Modes (``WAVEDISTILL_KERNELS`` or :func:`set_mode`):
 
-* ``auto``      — the fused Triton kernels for CUDA tensors when ``triton`` imports, PyTorch otherwise;
+* ``auto``      — the fused Triton kernels for CUDA tensors when ``triton`` imports; on a CPU, training steps
+  (float32, gradients wanted) run the fused CPU stack (:mod:`~wavedistill.kernels.cpu_fused`,
+  :mod:`wavedistill.nn.fused_stack`) when its library builds; PyTorch otherwise;
 * ``reference`` — always the PyTorch layers;
 * ``triton``    — always the kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
   (Triton's interpreter, which is how CI checks them); anything else is a :class:`UserError`.
