@@ -64,15 +64,13 @@ class Teacher(nn.Module):
 
     def forward(self, audio: torch.Tensor, mel: torch.Tensor, speaker: torch.Tensor | None = None, context: int = 0) -> torch.Tensor:
         """Parameters for every sample of ``audio [B, T]``; ``mel`` may carry ``context`` extra frames per side."""
-        x_in = F.pad(audio[:, :-1], (1, 0)).unsqueeze(1)
-        if self.net.trains_fused(x_in, mel.shape[2]):  # training on a CPU: conditioning projected per frame (same maths)
+        if self.net.trains_fused(audio, mel.shape[2]):  # training on a CPU: conditioning projected per frame (same maths)
             c = self.cond.banded(mel, context, audio.shape[1], speaker)
-            params = self.net.forward_banded(x_in.to(c.dtype), c.frames, c.i0, c.w)
         else:
             c = self.condition(mel, speaker)
             if context:
                 c = c[:, :, context * self.hop : context * self.hop + audio.shape[1]]
-            params = self.params_from_cond(audio, c)
+        params = self.params_from_cond(audio, c)  # WaveNet.forward takes either form of c
         if self.source is not None:
             params = self.dist.shift(params, self.prediction(audio, mel, context))
         return params
