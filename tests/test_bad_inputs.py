@@ -563,6 +563,8 @@ ROWS: list[Row] = [
         r"not a valid safetensors file", _eval_corrupt_second, "report"),
     Row("eval-out-not-ours", "eval", "a non-empty --out that eval did not write", r"not written by 'wavedistill eval'",
         _eval_out_not_ours, "report"),
+    Row("eval-negative-temperature", "eval", "--temperature -1", r"--temperature must be a finite number >= 0",
+        lambda w, d: _eval_args(w, d, "--temperature", "-1"), "report"),
     Row("eval-data-is-wav-dir", "eval", "--data that is a directory of wavs, not a feature cache",
         r"holds audio files, not a feature cache.*--wav-dir", lambda w, d: _eval_args(w, d, data=w.wavs), "report"),
     # ---- bench

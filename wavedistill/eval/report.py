@@ -381,7 +381,8 @@ def render_report(result: dict, pngs: list[tuple[str, str]]) -> str:
     lines = [
         "# wavedistill evaluation",
         "",
-        f"Data `{cfg['data']}`, split `{cfg['split']}`, {cfg['n_utterances']} utterance(s), seed {cfg['seed']}; "
+        f"Data `{cfg['data']}`, split `{cfg['split']}`, {cfg['n_utterances']} utterance(s), seed {cfg['seed']}"
+        f"{'' if cfg.get('temperature', 1.0) == 1.0 else ', temperature ' + format(cfg['temperature'], 'g')}; "
         f"means over utterances where a metric is defined (n per metric in metrics.json).",
         "",
         *metrics_table(result),
@@ -461,9 +462,10 @@ def _prepare_out(out: Path, planned: list[str]) -> None:
 
 def run_eval(checkpoints: list[str], data: str | Path | None, out: str | Path, split: str = "test",
              max_utterances: int | None = None, seed: int = 0, device: str = "cpu", spectrograms: int = 3,
-             wav_dir: str | Path | None = None) -> dict:
+             wav_dir: str | Path | None = None, temperature: float = 1.0) -> dict:
     """Score every checkpoint and Griffin-Lim on ``split`` of the feature cache ``data`` (or on the audio files under
-    ``wav_dir``, with the checkpoints' features); write the report to ``out``."""
+    ``wav_dir``, with the checkpoints' features); write the report to ``out``.  ``temperature`` scales the vocoders'
+    noise (as in ``synthesize``; the likelihood column does not depend on it)."""
     from tqdm import tqdm
 
     from ..inference.synthesis import AUTO_CHUNK_SECONDS, Vocoder
@@ -474,6 +476,8 @@ def run_eval(checkpoints: list[str], data: str | Path | None, out: str | Path, s
         raise UserError("pass either --data (a feature cache) or --wav-dir (a directory of audio files)")
     if not 0 <= seed < 2**32:
         raise UserError(f"--seed must be in [0, {2**32}), got {seed}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0, got {temperature}; 1.0 samples the trained model")
     if max_utterances is not None and max_utterances < 1:
         raise UserError(f"--max-utterances must be >= 1, got {max_utterances}")
     out = Path(out)
@@ -526,7 +530,7 @@ def run_eval(checkpoints: list[str], data: str | Path | None, out: str | Path, s
         for idx, (uttid, audio, mel) in enumerate(tqdm(utterances, desc="eval", unit="utt", file=sys.stderr, disable=None)):
             outputs = {GRIFFIN_LIM: griffin_lim(mel, fc, seed=seed)}
             for name, voc in zip(names, vocoders):
-                outputs[name] = voc.synthesize(mel, seed=seed, chunk_frames=chunk_frames).float().cpu().numpy()
+                outputs[name] = voc.synthesize(mel, seed=seed, temperature=temperature, chunk_frames=chunk_frames).float().cpu().numpy()
             for name, y in outputs.items():
                 values, reasons = scorer.score(audio, y)
                 entry: dict = dict(values)
@@ -546,7 +550,7 @@ def run_eval(checkpoints: list[str], data: str | Path | None, out: str | Path, s
                 pngs.append((uttid, rel))
         rate, mode = pesq_mode(fc.sample_rate)
         result: dict = {"systems": {}, "config": {
-            "data": str(data), "split": split, "seed": seed, "max_utterances": max_utterances, "n_utterances": len(ids),
+            "data": str(data), "split": split, "seed": seed, "temperature": temperature, "max_utterances": max_utterances, "n_utterances": len(ids),
             "utterances": ids, "device": device, "wavedistill_version": __version__,
             "systems": {GRIFFIN_LIM: f"librosa Griffin-Lim, {GRIFFIN_LIM_ITERS} iterations"}
             | {n: str(v.path) for n, v in zip(names, vocoders)},

@@ -19,7 +19,7 @@ def _eval(args: argparse.Namespace) -> int:
     from ..eval.report import run_eval
 
     run_eval(args.checkpoint, args.data, args.out, split=args.split, max_utterances=args.max_utterances,
-             seed=args.seed, device=args.device, wav_dir=args.wav_dir)
+             seed=args.seed, device=args.device, wav_dir=args.wav_dir, temperature=args.temperature)
     return 0
 
 
@@ -74,6 +74,9 @@ def register(sub) -> None:
                     "previous eval wrote there, and a non-empty directory eval did not write is refused")
     sp.add_argument("--max-utterances", type=int, default=None, help="evaluate only the first N utterances")
     sp.add_argument("--seed", type=int, default=0, help="noise seed of the vocoders and of Griffin-Lim (default 0)")
+    sp.add_argument("--temperature", type=float, default=1.0,
+                    help="noise scale of the vocoders, as in synthesize (default 1.0; Griffin-Lim and the likelihood "
+                    "column do not depend on it)")
     sp.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     sp.set_defaults(func=_eval)
 
