@@ -39,6 +39,10 @@ ARMS: dict[str, tuple[str, str, list[str]]] = {
     "teacher-mol-lp": ("train-teacher", "teacher.yaml", [f"train.init_from={SHIPPED / 'teacher'}", *LP]),
     "teacher-gauss": ("train-teacher", "clarinet_teacher.yaml", [f"train.init_from={SHIPPED / 'clarinet-teacher'}"]),
     "teacher-gauss-lp": ("train-teacher", "clarinet_teacher.yaml", [f"train.init_from={SHIPPED / 'clarinet-teacher'}", *LP]),
+    # noise injection (teacher.input_noise, LPCNet), session 5: both continue checkpoints/demo/teacher-lp at lr 3e-4
+    "teacher-lp-cont": ("train-teacher", "teacher_lp.yaml", [f"train.init_from={SHIPPED / 'teacher-lp'}", "train.lr=3e-4"]),
+    "teacher-lp-noise": ("train-teacher", "teacher_lp.yaml", [f"train.init_from={SHIPPED / 'teacher-lp'}", "train.lr=3e-4",
+                                                              "teacher.input_noise=0.008"]),
     "student-kl-stft": ("distill", "student.yaml", []),
     "student-stft": ("distill", "student.yaml", ["distill.kl_weight=0"]),
     "student-kl": ("distill", "student.yaml", ["distill.stft_weight=0"]),

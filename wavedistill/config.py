@@ -86,10 +86,18 @@ class TeacherConfig:
     # deterministic prediction from x_<t (pre-emphasis α·x_{t-1} and/or order-p LP from the mel).
     preemphasis: float = 0.0
     lpc_order: int = 0
+    # Noise injection (LPCNet's teacher-forcing aid; training only, 0 disables): the teacher-forced input (the
+    # history the network and the LP prediction read) gets Gaussian noise of this std in the mu-law (mu=255)
+    # domain, the target stays clean, so the network learns to correct a history with errors in it, as its own
+    # samples have.  Likelihoods, validation and generation never add noise.
+    input_noise: float = 0.0
 
     def validate(self, features: FeatureConfig | None = None) -> None:
         _positive(self, "layers", "stacks", "residual_channels", "gate_channels", "skip_channels", "cond_channels", "mixtures")
         _check_source_filter(self, "teacher", features)
+        if not 0.0 <= self.input_noise < 1.0:
+            raise UserError(f"teacher.input_noise={self.input_noise} must be in [0, 1) (a std in the mu-law domain; "
+                            f"e.g. 0.008, about one 8-bit mu-law step; 0 disables)")
         if self.kernel_size not in (2, 3):
             raise UserError(f"teacher.kernel_size={self.kernel_size} is not supported; use 2 or 3")
         if self.layers % self.stacks:

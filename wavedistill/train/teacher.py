@@ -17,14 +17,34 @@ from .state import add_spectrogram, valid_segments
 LN2 = math.log(2.0)
 
 
-def teacher_nll_bits(model, audio: torch.Tensor, mel: torch.Tensor, context: int, dist=None) -> torch.Tensor:
+MU = 255.0
+
+
+def mu_law_noise(x: torch.Tensor, std: float) -> torch.Tensor:
+    """``x`` with Gaussian noise of ``std`` added in the mu-law domain (mu = 255), mapped back and clamped to [-1, 1].
+
+    The noise is about ``std / 46`` near silence and grows with the amplitude (``std / 0.36`` at 0.5), like the
+    error of a sample drawn from a model of the signal rather than a fixed floor.
+    """
+    if std <= 0:
+        return x
+    log_mu = math.log1p(MU)
+    y = torch.sign(x) * torch.log1p(MU * x.abs()) / log_mu
+    y = (y + std * torch.randn_like(y)).clamp(-1.0, 1.0)
+    return torch.sign(y) * torch.expm1(y.abs() * log_mu) / MU
+
+
+def teacher_nll_bits(model, audio: torch.Tensor, mel: torch.Tensor, context: int, dist=None,
+                     input_noise: float = 0.0) -> torch.Tensor:
     """Mean discretized NLL in bits per sample for a batch of segments (mel with context frames).
 
     ``model`` may be wrapped for data parallelism (it is called through the wrapper); ``dist`` then comes
-    from the unwrapped teacher.
+    from the unwrapped teacher.  ``input_noise`` > 0 (training only, ``teacher.input_noise``) scores the clean
+    samples given a noisy history: the parameters at ``t`` come from the noisy input's ``x_<t`` (network and LP
+    prediction alike), the target ``x_t`` is clean.
     """
     x = quantize(audio.float())
-    params = model(x, mel, None, context)
+    params = model(mu_law_noise(x, input_noise), mel, None, context)
     return -(dist or model.dist).log_prob_discrete(params, x).mean() / LN2
 
 
@@ -58,7 +78,7 @@ class TeacherObjective(BitsObjective):
                 f"{n_train} train / {n_valid} valid utterances, {world} process(es), {impl} residual layers, start step {start}")
 
     def batch_bits(self, model, audio, mel) -> torch.Tensor:
-        return teacher_nll_bits(model, audio, mel, self.context, self.raw.dist)
+        return teacher_nll_bits(model, audio, mel, self.context, self.raw.dist, self.cfg.teacher.input_noise)
 
     def valid_bits(self, eval_model, valid) -> float:
         return validate(eval_model, valid, self.cfg.train, self.context, self.device)
