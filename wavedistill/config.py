@@ -341,6 +341,8 @@ KEY_DOCS: dict[str, str] = {
     "train.max_cpu_seconds": "stop (validated, checkpointed) once the run has used this much CPU time, summed over resumes; 0 = no limit",
     "teacher.preemphasis": "pre-emphasis coefficient α (y_t = x_t - α x_{t-1}) folded into the output's location shift; 0 disables",
     "teacher.lpc_order": "order of the linear predictor computed from the mel that shifts the output distribution; 0 disables",
+    "teacher.input_noise": "training only: std of Gaussian noise added in the mu-law domain to the teacher-forced history "
+                           "(LPCNet noise injection; the target stays clean); 0 disables",
     "student.preemphasis": "de-emphasis α applied after the IAF and LP synthesis flows (x_t = y_t + α x_{t-1}); 0 disables",
     "student.lpc_order": "order of the LP synthesis flow (from the mel) applied to the IAF's excitation; 0 disables",
     "train.mixed_precision": "no or bf16 autocast (densities and KL terms stay fp32)",
