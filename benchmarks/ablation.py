@@ -32,16 +32,18 @@ COMMON = ["train.num_threads=1", "train.max_steps=1000000", "train.decay_steps=2
 LP = ["teacher.lpc_order=16", "teacher.preemphasis=0.85"]
 SLP = ["student.lpc_order=16", "student.preemphasis=0.85"]
 
-# name -> (command, config, overrides); teachers warm-start from the shipped teachers, students from scratch
+# name -> (command, config, overrides); teachers warm-start from the shipped teachers (the MoL arms from the
+# original non-LP demo teacher, checkpoints/demo/teacher-v1), students from scratch
 ARMS: dict[str, tuple[str, str, list[str]]] = {
-    "teacher-mol": ("train-teacher", "teacher.yaml", [f"train.init_from={SHIPPED / 'teacher'}"]),
-    "teacher-mol-pre": ("train-teacher", "teacher.yaml", [f"train.init_from={SHIPPED / 'teacher'}", "teacher.preemphasis=0.85"]),
-    "teacher-mol-lp": ("train-teacher", "teacher.yaml", [f"train.init_from={SHIPPED / 'teacher'}", *LP]),
+    "teacher-mol": ("train-teacher", "teacher.yaml", [f"train.init_from={SHIPPED / 'teacher-v1'}"]),
+    "teacher-mol-pre": ("train-teacher", "teacher.yaml", [f"train.init_from={SHIPPED / 'teacher-v1'}", "teacher.preemphasis=0.85"]),
+    "teacher-mol-lp": ("train-teacher", "teacher.yaml", [f"train.init_from={SHIPPED / 'teacher-v1'}", *LP]),
     "teacher-gauss": ("train-teacher", "clarinet_teacher.yaml", [f"train.init_from={SHIPPED / 'clarinet-teacher'}"]),
     "teacher-gauss-lp": ("train-teacher", "clarinet_teacher.yaml", [f"train.init_from={SHIPPED / 'clarinet-teacher'}", *LP]),
-    # noise injection (teacher.input_noise, LPCNet), session 5: both continue checkpoints/demo/teacher-lp at lr 3e-4
-    "teacher-lp-cont": ("train-teacher", "teacher_lp.yaml", [f"train.init_from={SHIPPED / 'teacher-lp'}", "train.lr=3e-4"]),
-    "teacher-lp-noise": ("train-teacher", "teacher_lp.yaml", [f"train.init_from={SHIPPED / 'teacher-lp'}", "train.lr=3e-4",
+    # noise injection (teacher.input_noise, LPCNet), session 5: both continue checkpoints/demo/teacher
+    # (the LP teacher; teacher-lp until session 5) at lr 3e-4
+    "teacher-lp-cont": ("train-teacher", "teacher_lp.yaml", [f"train.init_from={SHIPPED / 'teacher'}", "train.lr=3e-4"]),
+    "teacher-lp-noise": ("train-teacher", "teacher_lp.yaml", [f"train.init_from={SHIPPED / 'teacher'}", "train.lr=3e-4",
                                                               "teacher.input_noise=0.008"]),
     "student-kl-stft": ("distill", "student.yaml", []),
     "student-stft": ("distill", "student.yaml", ["distill.kl_weight=0"]),
@@ -148,7 +150,8 @@ def main(argv=None) -> int:
     r.add_argument("--arms", nargs="+", choices=sorted(ARMS), required=True, help="arms to train, in order")
     r.add_argument("--cpu-minutes", type=float, default=12.0, help="CPU budget of each arm")
     r.add_argument("--batch-size", type=int, default=3, help="train.batch_size of every arm")
-    r.add_argument("--teacher", type=Path, default=SHIPPED / "teacher", help="teacher the student arms distill from")
+    r.add_argument("--teacher", type=Path, default=SHIPPED / "teacher-v1",
+                   help="teacher the student arms distill from (default: the original non-LP demo teacher)")
     s = sub.add_parser("score", help="score the exported arms on unseen speakers", allow_abbrev=False)
     s.add_argument("--out", type=Path, required=True, help="ablation directory written by 'run'")
     s.add_argument("--unseen", type=Path, nargs="+", required=True, help="directories of unseen-speaker audio")

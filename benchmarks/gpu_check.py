@@ -6,10 +6,10 @@ Sections (each recorded in one JSON; a failing section is recorded with its erro
   PyTorch layer, forward and backward (input, conditioning and every weight), float32 and bfloat16, with
   the relative max error and whether it is within tolerance;
 * ``generation`` — the student's parallel pass through the reference layers and the fused kernels at the
-  demo size (``checkpoints/demo/student``) and at the Parallel WaveNet paper's size (the default
-  :class:`~wavedistill.config.StudentConfig`: 4 flows of 10, 10, 10, 30 layers, 64 channels, random
-  weights), and the teacher's autoregressive generation in the persistent Triton kernel
-  (``checkpoints/demo/teacher``), 1 and 16 streams; median wall time with device synchronisation;
+  demo size (``checkpoints/demo/student-v1``, the non-LP demo student) and at the Parallel WaveNet paper's
+  size (the default :class:`~wavedistill.config.StudentConfig`: 4 flows of 10, 10, 10, 30 layers, 64 channels,
+  random weights), and the teacher's autoregressive generation in the persistent Triton kernel
+  (``checkpoints/demo/teacher-v1``), 1 and 16 streams; median wall time with device synchronisation;
 * ``training``   — the teacher step and the distillation step (:mod:`wavedistill.eval.train_bench`) for about
   ``--train-seconds`` each, in the default kernel mode (fused layers on CUDA).
 
@@ -102,10 +102,11 @@ def bench_generation(device: torch.device, tiny: bool, repeats: int) -> list[dic
         teacher = Teacher(TeacherConfig(layers=4, stacks=2, kernel_size=2, residual_channels=8, gate_channels=16,
                                         skip_channels=8, cond_channels=8, upsample_scales=[4, 4, 5]), feats.n_mels)
     else:
-        students = {"demo (checkpoints/demo/student)": load_model(ROOT / "checkpoints/demo/student", kind="student")[0],
+        students = {"demo (checkpoints/demo/student-v1)": load_model(ROOT / "checkpoints/demo/student-v1",
+                                                                     kind="student")[0],
                     "paper size (4 flows 10/10/10/30, 64 ch, random weights)":
                         Student(StudentConfig(upsample_scales=[4, 4, 5]), feats.n_mels)}
-        teacher = load_model(ROOT / "checkpoints/demo/teacher", kind="teacher")[0]
+        teacher = load_model(ROOT / "checkpoints/demo/teacher-v1", kind="teacher")[0]
     rows = []
     with torch.inference_mode():
         for label, st in students.items():
@@ -143,7 +144,7 @@ def bench_training(device: torch.device, tiny: bool, seconds: float) -> list[dic
     for kind in tb.STEPS:
         cfg = ROOT / "recipes/demo/conf" / ("teacher.yaml" if kind == "teacher" else "student.yaml")
         kw = dict(batch=1, segment=400) if tiny else {}
-        step = tb.build_step(kind, cfg, ROOT / "checkpoints/demo/teacher", device=device, **kw)
+        step = tb.build_step(kind, cfg, ROOT / "checkpoints/demo/teacher-v1", device=device, **kw)
         t = time.perf_counter()
         step.run()  # warm-up, and a first estimate of the step time (Triton compiles here)
         first = time.perf_counter() - t

@@ -4,7 +4,8 @@ Writes a speech-like input of --minutes minutes (generated: harmonic tones with 
 temporary directory, runs ``python -m wavedistill synthesize`` on it with the shipped student in a child process,
 and reports the child's peak resident set size (``ru_maxrss`` of the waited-for child) next to the audio length.
 
-    .venv/bin/python benchmarks/synth_memory.py --minutes 30 [--checkpoint checkpoints/demo/student] [--json out.json]
+    .venv/bin/python benchmarks/synth_memory.py --minutes 30 [--checkpoint checkpoints/demo/student-v1]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                  allow_abbrev=False)
     ap.add_argument("--minutes", type=float, default=30.0, help="input length in minutes (default 30)")
-    ap.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "demo" / "student"), help="checkpoint to run")
+    ap.add_argument("--checkpoint", default=str(REPO / "checkpoints" / "demo" / "student-v1"),
+                    help="checkpoint to run (default: the non-LP demo student of synth-memory-30min.json)")
     ap.add_argument("--chunk-seconds", type=float, default=None, help="pass --chunk-seconds (default: synthesize's)")
     ap.add_argument("--json", default=None, help="also write the result as JSON")
     args = ap.parse_args()

@@ -101,7 +101,8 @@ def main(argv=None) -> None:
     p.add_argument("--steps", nargs="+", default=["teacher", "distill"], choices=["teacher", "distill"])
     p.add_argument("--teacher-config", default="recipes/demo/conf/teacher.yaml")
     p.add_argument("--student-config", default="recipes/demo/conf/student.yaml")
-    p.add_argument("--teacher", default="checkpoints/demo/teacher", help="frozen teacher for the distillation step")
+    p.add_argument("--teacher", default="checkpoints/demo/teacher-v1",
+                   help="frozen teacher for the distillation step (default: the non-LP demo teacher of --student-config)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)

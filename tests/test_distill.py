@@ -16,7 +16,7 @@ from wavedistill.errors import UserError
 from wavedistill.data.prepare import run_prepare
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO_TEACHER = REPO / "checkpoints" / "demo" / "teacher"
+DEMO_TEACHER = REPO / "checkpoints" / "demo" / "teacher-v1"  # the non-LP teacher of recipes/demo/conf/student.yaml
 CORPUS = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 
 
@@ -90,7 +90,7 @@ def test_frozen_teacher_gets_no_gradients_and_wrong_kind_is_refused(tmp_path):
 
 
 def test_distill_cli_refuses_a_student_checkpoint_as_teacher(demo_cache, tmp_path):
-    student = REPO / "checkpoints" / "demo" / "student"
+    student = REPO / "checkpoints" / "demo" / "student-v1"
     assert (student / "model.safetensors").is_file(), "the shipped demo student is missing"
     proc = subprocess.run(
         [sys.executable, "-m", "wavedistill", "distill", "--config", str(REPO / "recipes/demo/conf/student.yaml"),
@@ -105,7 +105,7 @@ def test_distill_cli_refuses_a_student_checkpoint_as_teacher(demo_cache, tmp_pat
 
 
 def test_shipped_student_generates_in_parallel_from_mel():
-    student = REPO / "checkpoints" / "demo" / "student"
+    student = REPO / "checkpoints" / "demo" / "student-v1"
     model, features, cfg = load_model(student, kind="student")
     mel = torch.randn(1, features.n_mels, 10)
     y = model.synthesize(mel, seed=0)

@@ -203,7 +203,7 @@ def dockerignore() -> list[str]:
     ".git/objects/ab/cdef",
     "wavedistill/__pycache__/cli.cpython-311.pyc",
     "tests/__pycache__/test_faults.cpython-311-pytest-9.2.0.pyc",
-    "checkpoints/demo/teacher/step-00000400/state/optimizer.safetensors",
+    "checkpoints/demo/teacher-v1/step-00000400/state/optimizer.safetensors",
     "recipes/demo/exp/teacher/checkpoints/step-00000100/state/params.safetensors",
 ])
 def test_dockerignore_excludes(path):

@@ -160,7 +160,7 @@ def test_second_signal_stops_at_once():
 
 
 def test_export_refuses_existing_and_keeps_the_card(world, tmp_path, capsys):
-    src = h.REPO / "checkpoints" / "demo" / "student"
+    src = h.REPO / "checkpoints" / "demo" / "student-v1"
     dst = tmp_path / "shipped"
     card = tmp_path / "card.md"
     card.write_text("# my card\n")
@@ -255,7 +255,7 @@ def test_info_on_a_checkpoint_and_a_directory(world, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- synthesize and eval front ends
 
-STUDENT = h.REPO / "checkpoints" / "demo" / "student"
+STUDENT = h.REPO / "checkpoints" / "demo" / "student-v1"
 
 
 def _speech(path: Path, seconds: float, f0: float, rate: int = 8000) -> Path:

@@ -193,7 +193,7 @@ def test_demo_size_teacher():
 
 
 def test_shipped_demo_teacher():
-    path = REPO / "checkpoints" / "demo" / "teacher"
+    path = REPO / "checkpoints" / "demo" / "teacher-v1"
     assert (path / "model.safetensors").is_file(), "the shipped demo teacher is missing"
     from wavedistill.checkpoint import load_model
 

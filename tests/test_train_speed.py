@@ -134,7 +134,7 @@ def _teacher_nll_and_grads(teacher, audio, mel, context):
 
 
 def test_teacher_nll_and_gradients_unchanged(reference_formulation):
-    teacher, _, _ = load_model(DEMO / "teacher", kind="teacher")
+    teacher, _, _ = load_model(DEMO / "teacher-v1", kind="teacher")
     teacher.train()
     context = teacher.cond.frame_context
     audio, mel = _demo_batch(teacher, context)
@@ -155,9 +155,9 @@ def _distill_terms(loss_fn, student, z, audio, mel, context):
 
 
 def test_distillation_terms_and_gradients_unchanged(reference_formulation):
-    teacher, features, _ = load_model(DEMO / "teacher", kind="teacher")
+    teacher, features, _ = load_model(DEMO / "teacher-v1", kind="teacher")
     teacher.eval().requires_grad_(False)
-    student, _, _ = load_model(DEMO / "student", kind="student")
+    student, _, _ = load_model(DEMO / "student-v1", kind="student")
     student.train()
     cfg = load_config(ROOT / "recipes" / "demo" / "conf" / "student.yaml")
     loss_fn = DistillationLoss(cfg.distill, teacher, student)
@@ -179,8 +179,8 @@ def test_distillation_terms_and_gradients_unchanged(reference_formulation):
 
 
 def test_shipped_checkpoints_same_audio_and_likelihood(reference_formulation):
-    student, _, _ = load_model(DEMO / "student", kind="student")
-    teacher, _, _ = load_model(DEMO / "teacher", kind="teacher")
+    student, _, _ = load_model(DEMO / "student-v1", kind="student")
+    teacher, _, _ = load_model(DEMO / "teacher-v1", kind="teacher")
     audio, mel = _demo_batch(teacher, 0, T=1600)
     with torch.no_grad():
         y_new = student.synthesize(mel, seed=7)
@@ -198,7 +198,7 @@ def test_train_bench_tiny(tmp_path):
     report = train_bench.run_train_bench(threads=(1,), repeats=2, warmup=1, batch=1, segment=400,
                                          teacher_config=str(ROOT / "recipes/demo/conf/teacher.yaml"),
                                          student_config=str(ROOT / "recipes/demo/conf/student.yaml"),
-                                         teacher_path=str(DEMO / "teacher"))
+                                         teacher_path=str(DEMO / "teacher-v1"))
     by = {r["step"]: r for r in report["results"]}
     assert set(by) == {"teacher", "distill"}
     for r in by.values():
@@ -224,7 +224,7 @@ def test_train_bench_source_filter_configs():
     report = train_bench.run_train_bench(threads=(1,), repeats=1, warmup=0, batch=1, segment=400,
                                          teacher_config=str(ROOT / "recipes/demo/conf/teacher_lp_quick.yaml"),
                                          student_config=str(ROOT / "recipes/demo/conf/student_lp_quick.yaml"),
-                                         teacher_path=str(DEMO / "teacher-lp"), overrides=["distill.kl_weight=1.0"])
+                                         teacher_path=str(DEMO / "teacher"), overrides=["distill.kl_weight=1.0"])
     assert [r["step"] for r in report["results"]] == ["teacher", "distill"]
     assert all(r["samples_per_second"] > 0 for r in report["results"])
 

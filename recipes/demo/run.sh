@@ -153,7 +153,8 @@ Done.
   logs:       .venv/bin/tensorboard --logdir $exp   (and $exp/*/train.log)
 
 The models above are this run's small demo models ($exp/teacher, $exp/student).
-Better ones ship with the repository: checkpoints/demo/student (Parallel WaveNet, 4000 steps) and
+Better ones ship with the repository: checkpoints/demo/student (Parallel WaveNet IAF with linear prediction,
+1.7 CPU-hours; the original demo pair is checkpoints/demo/{teacher,student}-v1) and
 checkpoints/demo/clarinet-student, with their teachers and model cards (wavedistill info checkpoints/demo).
 Vocode your own recordings (files or a directory) with the shipped student:
   .venv/bin/wavedistill synthesize --checkpoint checkpoints/demo/student --out-dir out/ /path/to/your/wavs

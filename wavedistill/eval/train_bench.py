@@ -285,7 +285,7 @@ def build_step(kind: str, config, teacher_path, batch: int | None, segment: int 
 
 
 def run_train_bench(steps=STEPS, teacher_config="recipes/demo/conf/teacher.yaml",
-                    student_config="recipes/demo/conf/student.yaml", teacher_path="checkpoints/demo/teacher",
+                    student_config="recipes/demo/conf/student.yaml", teacher_path="checkpoints/demo/teacher-v1",
                     threads=(1, 2), repeats: int = 5, warmup: int = 2, batch: int | None = None,
                     segment: int | None = None, device: str = "cpu", overrides=None) -> dict:
     """Benchmark the given steps on each thread count; returns the report (no printing, no files)."""
