@@ -9,12 +9,19 @@ A long run keeps only its last few checkpoints, so copy ``exp/RUN/checkpoints/la
 Each snapshot is scored once (``EVAL_ROOT/LABEL/STEP/metrics.json`` is reused when present); the figure shows
 PESQ-NB, STOI, log-mel L1 and, for teachers, the exact bits/sample of the real audio, against CPU-hours.
 ``--reference NAME=VALUE,...`` draws horizontal reference lines (e.g. the shipped checkpoint's figures).
+
+``--merge`` keeps the points of an earlier ``OUT.json`` whose snapshots are no longer on disk (a run resumed on
+another machine: its curve goes on from where the committed JSON left it). ``--target pesq=3.0,stoi=0.93 --fit-last
+K`` fits each metric against log2(CPU-hours) over the last K points of each run and extrapolates the CPU-hours at
+which the target would be reached (``fits`` in the JSON): a rough trend, not a promise, recorded so that the
+compute limit is a measured slope rather than a guess.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +52,39 @@ def score(step_dir: Path, wav_dir: Path, out: Path) -> dict:
     return row
 
 
+def merge_points(previous: list[dict], current: list[dict]) -> list[dict]:
+    """Current points plus the earlier ones at steps not scored now, sorted by CPU-hours."""
+    steps = {r["step"] for r in current}
+    return sorted([r for r in previous if r["step"] not in steps] + list(current), key=lambda r: r["cpu_hours"])
+
+
+def log_fit(points: list[dict], metric: str, target: float | None = None, last: int = 0) -> dict | None:
+    """Least squares ``metric ≈ a + b·log2(cpu_hours)`` over the last ``last`` points (all when 0).
+
+    Returns a, b (the change per doubling of CPU time), the points used and, when ``target`` is given, the
+    CPU-hours at which the fitted line reaches it (None when the trend does not head towards it)."""
+    pts = [(r["cpu_hours"], r[metric]) for r in points if r.get(metric) is not None and r["cpu_hours"] > 0]
+    if last:
+        pts = pts[-last:]
+    if len(pts) < 2:
+        return None
+    xs = [math.log2(h) for h, _ in pts]
+    ys = [v for _, v in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return None
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    a = my - b * mx
+    out = {"a": a, "per_doubling": b, "points": len(pts), "from_cpu_hours": pts[0][0], "to_cpu_hours": pts[-1][0]}
+    if target is not None:
+        lower_is_better = metric in ("log_mel_l1", "bits_per_sample")
+        heading = b < 0 if lower_is_better else b > 0
+        out["target"] = target
+        out["cpu_hours_to_target"] = 2.0 ** ((target - a) / b) if heading else None
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", action="append", required=True, metavar="LABEL=SNAPDIR",
@@ -54,7 +94,25 @@ def main(argv=None) -> None:
     ap.add_argument("--out", required=True, type=Path, help="output path without suffix (.png and .json)")
     ap.add_argument("--reference", action="append", default=[], metavar="NAME=pesq,stoi,l1",
                     help="horizontal reference lines, e.g. 'shipped student=1.48,0.732,0.738'")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep OUT.json's earlier points at steps whose snapshots are gone")
+    ap.add_argument("--target", default="", metavar="METRIC=VALUE,...",
+                    help="extrapolate the CPU-hours to reach these, e.g. 'pesq=3.0,stoi=0.93'")
+    ap.add_argument("--fit-last", type=int, default=0, metavar="K", help="fit over each run's last K points (0: all)")
     args = ap.parse_args(argv)
+    targets = {}
+    for spec in filter(None, args.target.split(",")):
+        metric, _, value = spec.partition("=")
+        try:
+            if metric not in METRICS:
+                raise ValueError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
+            targets[metric] = float(value)
+        except ValueError as e:
+            print(f"error: --target {spec!r}: {e} (write e.g. pesq=3.0,stoi=0.93)", file=sys.stderr)
+            sys.exit(2)
+    previous = {}
+    if args.merge and args.out.with_suffix(".json").is_file():
+        previous = json.loads(args.out.with_suffix(".json").read_text()).get("runs", {})
 
     runs = {}
     for spec in args.run:
@@ -66,7 +124,15 @@ def main(argv=None) -> None:
             points.append(row)
             print(f"{label} {step_dir.name}: {row['cpu_hours']:.2f} CPU-h  PESQ {row['pesq']:.3f}  STOI {row['stoi']:.3f}  "
                   f"L1 {row['log_mel_l1']:.3f}  bits {row['bits_per_sample']}", flush=True)
-        runs[label] = sorted(points, key=lambda r: r["cpu_hours"])
+        runs[label] = merge_points(previous.get(label, []), points)
+    fits = {label: {m: log_fit(pts, m, t, args.fit_last) for m, t in targets.items()} for label, pts in runs.items()}
+    for label, per in fits.items():
+        for m, f in per.items():
+            if f:
+                reach = f["cpu_hours_to_target"]
+                print(f"{label} {m}: {f['per_doubling']:+.4f} per doubling of CPU time over {f['points']} points "
+                      f"({f['from_cpu_hours']:.2f}–{f['to_cpu_hours']:.2f} h); {m} = {f['target']} at "
+                      + (f"~{reach:.3g} CPU-hours" if reach else "never on this trend"))
     refs = {}
     for spec in args.reference:
         name, _, vals = spec.partition("=")
@@ -74,7 +140,11 @@ def main(argv=None) -> None:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"wav_dir": str(args.wav_dir), "runs": runs, "references": refs}
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    if targets:
+        payload["fits"] = fits
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.replace(args.out.with_suffix(".json"))
 
     import matplotlib
 
