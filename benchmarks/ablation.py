@@ -1,6 +1,6 @@
 """Ablations at equal CPU time, scored on unseen speakers.
 
-    python benchmarks/ablation.py run   --out exp/ablation --arms teacher-mol teacher-lp ... [--cpu-minutes 12]
+    python benchmarks/ablation.py run   --out exp/ablation --arms teacher-mol teacher-mol-lp ... [--cpu-minutes 12]
     python benchmarks/ablation.py score --out exp/ablation --unseen DIR [DIR ...] [--utterances 12]
 
 ``run`` trains each arm in turn (one thread, same seed, same data, same warm start) until it has

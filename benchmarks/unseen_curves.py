@@ -62,7 +62,8 @@ def log_fit(points: list[dict], metric: str, target: float | None = None, last: 
     """Least squares ``metric ≈ a + b·log2(cpu_hours)`` over the last ``last`` points (all when 0).
 
     Returns a, b (the change per doubling of CPU time), the points used and, when ``target`` is given, the
-    CPU-hours at which the fitted line reaches it (None when the trend does not head towards it)."""
+    CPU-hours at which the fitted line reaches it (None when the trend does not head towards it, or only past
+    2**1023 CPU-hours, which a float cannot hold)."""
     pts = [(r["cpu_hours"], r[metric]) for r in points if r.get(metric) is not None and r["cpu_hours"] > 0]
     if last:
         pts = pts[-last:]
@@ -81,7 +82,8 @@ def log_fit(points: list[dict], metric: str, target: float | None = None, last: 
         lower_is_better = metric in ("log_mel_l1", "bits_per_sample")
         heading = b < 0 if lower_is_better else b > 0
         out["target"] = target
-        out["cpu_hours_to_target"] = 2.0 ** ((target - a) / b) if heading else None
+        doublings = (target - a) / b if heading else math.inf
+        out["cpu_hours_to_target"] = 2.0 ** doublings if doublings < 1024 else None
     return out
 
 
@@ -100,6 +102,9 @@ def main(argv=None) -> None:
                     help="extrapolate the CPU-hours to reach these, e.g. 'pesq=3.0,stoi=0.93'")
     ap.add_argument("--fit-last", type=int, default=0, metavar="K", help="fit over each run's last K points (0: all)")
     args = ap.parse_args(argv)
+    if args.fit_last < 0 or args.fit_last == 1:
+        print(f"error: --fit-last must be 0 (all points) or at least 2, got {args.fit_last}", file=sys.stderr)
+        sys.exit(2)
     targets = {}
     for spec in filter(None, args.target.split(",")):
         metric, _, value = spec.partition("=")
@@ -132,7 +137,7 @@ def main(argv=None) -> None:
                 reach = f["cpu_hours_to_target"]
                 print(f"{label} {m}: {f['per_doubling']:+.4f} per doubling of CPU time over {f['points']} points "
                       f"({f['from_cpu_hours']:.2f}–{f['to_cpu_hours']:.2f} h); {m} = {f['target']} at "
-                      + (f"~{reach:.3g} CPU-hours" if reach else "never on this trend"))
+                      + (f"~{reach:.3g} CPU-hours" if reach is not None else "never on this trend"))
     refs = {}
     for spec in args.reference:
         name, _, vals = spec.partition("=")

@@ -91,3 +91,22 @@ def test_training_with_noise_injection(tmp_path):
         torch.manual_seed(seed)
         runs.append(validate(model, valid, load_config(cfg).train, model.cond.frame_context, "cpu"))
     assert runs[0] == runs[1] and math.isclose(runs[0], out["valid_bits"], rel_tol=1e-5)
+
+
+def test_training_steps_pass_the_configured_noise_on(tmp_path, monkeypatch):
+    """The training objective scores its batches with ``teacher.input_noise`` (and only training batches do)."""
+    import wavedistill.train.teacher as teacher_mod
+
+    seen = []
+    real = teacher_mod.teacher_nll_bits
+
+    def spy(*args, **kwargs):
+        seen.append(args[5] if len(args) > 5 else kwargs.get("input_noise", 0.0))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_mod, "teacher_nll_bits", spy)
+    _, cache = make_cache(tmp_path, n=6)
+    cfg = write_config(tmp_path / "t.yaml", teacher={"input_noise": 0.02}, train={"valid_every": 100, "save_every": 100})
+    train_teacher(cfg, cache, tmp_path / "exp", max_steps=2)
+    # two training steps with the noise, then the final validation without it
+    assert seen[:2] == [0.02, 0.02] and len(seen) > 2 and all(v == 0.0 for v in seen[2:])

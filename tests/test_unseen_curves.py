@@ -43,6 +43,21 @@ def test_log_fit_uses_only_the_last_points_and_knows_which_way_is_better():
     assert uc.log_fit(pts("pesq", [(1, 2.0)]), "pesq", target=3.0) is None
 
 
+def test_log_fit_a_nearly_flat_trend_is_never_not_an_overflow():
+    # +0.0005 PESQ per doubling: 3.0 lies ~2800 doublings away, past what a float holds (2.0 ** 2800 overflows)
+    f = uc.log_fit(pts("pesq", [(h, 1.6 + 0.0005 * math.log2(h)) for h in (1.0, 2.0, 4.0)]), "pesq", target=3.0)
+    assert f["per_doubling"] == pytest.approx(0.0005) and f["cpu_hours_to_target"] is None
+
+
+@pytest.mark.parametrize("k", ["-1", "1"])
+def test_cli_refuses_a_fit_over_fewer_than_two_points(tmp_path, k):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--run", f"x={tmp_path}", "--wav-dir", str(tmp_path),
+                           "--eval-root", str(tmp_path), "--out", str(tmp_path / "c"), "--fit-last", k],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "--fit-last must be" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "c.json").exists()
+
+
 def test_merge_keeps_earlier_points_whose_snapshots_are_gone():
     prev = [{"step": 10, "cpu_hours": 0.1, "pesq": 1.0}, {"step": 20, "cpu_hours": 0.2, "pesq": 1.1}]
     cur = [{"step": 20, "cpu_hours": 0.2, "pesq": 1.2}, {"step": 30, "cpu_hours": 0.3, "pesq": 1.3}]
