@@ -162,7 +162,11 @@ def main(argv=None) -> None:
         for label, pts in runs.items():
             xy = [(r["cpu_hours"], r[m]) for r in pts if r.get(m) is not None]
             if xy:
-                ax.plot(*zip(*xy), marker="o", label=label)
+                line, = ax.plot(*zip(*xy), marker="o", label=label)
+                fit = fits.get(label, {}).get(m)
+                if fit:  # the fitted trend over its points and two more doublings, dotted
+                    hs = [fit["from_cpu_hours"] * (fit["to_cpu_hours"] * 4 / fit["from_cpu_hours"]) ** (i / 20) for i in range(21)]
+                    ax.plot(hs, [fit["a"] + fit["per_doubling"] * math.log2(h) for h in hs], ls=":", color=line.get_color())
         for name, vals in refs.items():
             if m in vals:
                 ax.axhline(vals[m], ls="--", lw=1, color="gray")
