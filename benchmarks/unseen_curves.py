@@ -101,6 +101,7 @@ def main(argv=None) -> None:
     ap.add_argument("--target", default="", metavar="METRIC=VALUE,...",
                     help="extrapolate the CPU-hours to reach these, e.g. 'pesq=3.0,stoi=0.93'")
     ap.add_argument("--fit-last", type=int, default=0, metavar="K", help="fit over each run's last K points (0: all)")
+    ap.add_argument("--table", action="store_true", help="also print each run's points as a markdown table")
     args = ap.parse_args(argv)
     if args.fit_last < 0 or args.fit_last == 1:
         print(f"error: --fit-last must be 0 (all points) or at least 2, got {args.fit_last}", file=sys.stderr)
@@ -179,6 +180,21 @@ def main(argv=None) -> None:
     fig.tight_layout()
     fig.savefig(args.out.with_suffix(".png"), dpi=110)
     print(f"wrote {args.out.with_suffix('.png')} and {args.out.with_suffix('.json')}")
+    if args.table:
+        for label, pts in runs.items():
+            print(f"\n{label}\n\n{markdown_table(pts)}")
+
+
+def markdown_table(points: list[dict]) -> str:
+    """One row per point: step, CPU-hours and the metrics any point has (bits/sample for teachers)."""
+    cols = [m for m in (*METRICS, "f0_rmse_cents", "vuv_error") if any(r.get(m) is not None for r in points)]
+    names = {**LABELS, "f0_rmse_cents": "F0 RMSE (cents) ↓", "vuv_error": "V/UV error ↓"}
+    digits = {"pesq": 3, "stoi": 3, "log_mel_l1": 3, "bits_per_sample": 2, "f0_rmse_cents": 0, "vuv_error": 3}
+    lines = ["| step | CPU-hours | " + " | ".join(names[c] for c in cols) + " |", "|---:|---:|" + "---:|" * len(cols)]
+    for r in points:
+        cells = ["–" if r.get(c) is None else f"{r[c]:.{digits[c]}f}" for c in cols]
+        lines.append(f"| {r['step']} | {r['cpu_hours']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -95,3 +95,14 @@ def test_cli_merges_across_sessions_and_writes_the_fit(tmp_path):
     assert "per doubling" in proc.stdout and out.with_suffix(".png").is_file()
     bad = subprocess.run(run2[:-1] + ["nonsense=1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "not one of" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_markdown_table_has_a_row_per_point_and_only_the_metrics_present():
+    points = [{"step": 100, "cpu_hours": 1.234, "pesq": 1.5, "stoi": 0.7, "log_mel_l1": 0.6, "bits_per_sample": None,
+               "vuv_error": 0.25, "f0_rmse_cents": None},
+              {"step": 200, "cpu_hours": 2.0, "pesq": 1.6, "stoi": 0.71, "log_mel_l1": 0.59, "bits_per_sample": None,
+               "vuv_error": None, "f0_rmse_cents": 150.4}]
+    table = uc.markdown_table(points).splitlines()
+    assert len(table) == 4 and "bits/sample" not in table[0] and "V/UV" in table[0] and "F0" in table[0]
+    assert table[2].startswith("| 100 | 1.23 | 1.500 | 0.700 | 0.600 | – | 0.250 |")
+    assert table[3] == "| 200 | 2.00 | 1.600 | 0.710 | 0.590 | 150 | – |"
