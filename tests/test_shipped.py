@@ -3,7 +3,8 @@
 Pinned before the package was re-layered (session 3): the first samples and the sum of a short
 generation from a fixed mel, for each checkpoint.  A refactor that changes the audio fails here.
 ``teacher-v1``/``student-v1`` are the original demo pair (``teacher``/``student`` until session 5);
-``teacher``/``student`` are the LP pair (``teacher-lp``/``student-lp`` until session 5), pinned in session 5.
+``teacher``/``student`` are the LP pair (``teacher-lp``/``student-lp`` until session 5), pinned in session 5 and re-pinned in session 6,
+when the long runs' later steps were exported over them.
 New or re-exported checkpoints: ``benchmarks/pin_shipped.py`` prints the pins by this module's procedure;
 append new names at the end of PINS (one generator draws every mel in PINS order).
 """
@@ -26,10 +27,10 @@ PINS = {  # name: (first six samples, sum of all 2 × 960 or 960 samples)
                           0.0462619848549366, 0.06365381926298141], 4.793974489430639),
     "clarinet-student": ([0.012264737859368324, -0.0025119485799223185, 0.02420949563384056, 0.03555340692400932,
                           0.02905113250017166, 0.02238965407013893], -0.9774031387278228),
-    "teacher": ([-0.06281614303588867, -0.017045771703124046, 0.009031950496137142, -0.016138587146997452,
-                 0.01798114739358425, 0.014025001786649227], 12.744142969063432),
-    "student": ([0.004738012328743935, -0.010196558199822903, 0.016850806772708893, 0.010656194761395454,
-                 -0.009017175063490868, 0.022256644442677498], 0.7120598040382902),
+    "teacher": ([-0.1469147950410843, -0.03959740698337555, 0.021444661542773247, -0.045706503093242645,
+                 0.037056516855955124, 0.02222498506307602], 7.635941088485197),
+    "student": ([0.00585529999807477, -0.009854030795395374, 0.016509566456079483, 0.012401054613292217,
+                 -0.009745435789227486, 0.022118553519248962], 0.9319455508812098),
 }
 
 
@@ -78,4 +79,6 @@ def test_synthesize_takes_the_frame_rate_path_of_teacher_generate(name):
     whole = voc.synthesize(mel, seed=11)
     chunked = voc.synthesize(mel, seed=11, chunk_frames=4)
     torch.testing.assert_close(whole, ref, atol=0, rtol=0)
-    torch.testing.assert_close(chunked, ref, atol=0, rtol=0)
+    # chunking runs the conditioning GEMMs at other sizes: on some CPUs (AVX-512 MKL kernels) that changes the
+    # last bits (measured: ≤ 7.5e-7 on samples of ~0.1), so chunked synthesis is equal up to float rounding
+    torch.testing.assert_close(chunked, ref, atol=1e-5, rtol=0)
