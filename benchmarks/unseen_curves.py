@@ -26,9 +26,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from wavedistill.eval.report import HIGHER_IS_BETTER
+from wavedistill.fileio import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("pesq", "stoi", "log_mel_l1", "bits_per_sample")
-LABELS = {"pesq": "PESQ-NB ↑", "stoi": "STOI ↑", "log_mel_l1": "log-mel L1 ↓", "bits_per_sample": "bits/sample ↓"}
+LABELS = {"pesq": "PESQ-NB ↑", "stoi": "STOI ↑", "log_mel_l1": "log-mel L1 ↓", "bits_per_sample": "bits/sample ↓",
+          "f0_rmse_cents": "F0 RMSE (cents) ↓", "vuv_error": "V/UV error ↓"}
 
 
 def cpu_hours(step_dir: Path) -> float:
@@ -69,18 +75,13 @@ def log_fit(points: list[dict], metric: str, target: float | None = None, last: 
         pts = pts[-last:]
     if len(pts) < 2:
         return None
-    xs = [math.log2(h) for h, _ in pts]
-    ys = [v for _, v in pts]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
+    xs = np.log2([h for h, _ in pts])
+    if np.ptp(xs) == 0:
         return None
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    a = my - b * mx
+    b, a = (float(c) for c in np.polyfit(xs, [v for _, v in pts], 1))
     out = {"a": a, "per_doubling": b, "points": len(pts), "from_cpu_hours": pts[0][0], "to_cpu_hours": pts[-1][0]}
     if target is not None:
-        lower_is_better = metric in ("log_mel_l1", "bits_per_sample")
-        heading = b < 0 if lower_is_better else b > 0
+        heading = b > 0 if HIGHER_IS_BETTER.get(metric, False) else b < 0  # bits/sample: lower is better
         out["target"] = target
         doublings = (target - a) / b if heading else math.inf
         out["cpu_hours_to_target"] = 2.0 ** doublings if doublings < 1024 else None
@@ -103,19 +104,22 @@ def main(argv=None) -> None:
     ap.add_argument("--fit-last", type=int, default=0, metavar="K", help="fit over each run's last K points (0: all)")
     ap.add_argument("--table", action="store_true", help="also print each run's points as a markdown table")
     args = ap.parse_args(argv)
-    if args.fit_last < 0 or args.fit_last == 1:
-        print(f"error: --fit-last must be 0 (all points) or at least 2, got {args.fit_last}", file=sys.stderr)
+
+    def fail(msg: str):
+        print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
+
+    if args.fit_last < 0 or args.fit_last == 1:
+        fail(f"--fit-last must be 0 (all points) or at least 2, got {args.fit_last}")
     targets = {}
     for spec in filter(None, args.target.split(",")):
         metric, _, value = spec.partition("=")
+        if metric not in METRICS:
+            fail(f"--target {spec!r}: metric {metric!r} is not one of {', '.join(METRICS)}")
         try:
-            if metric not in METRICS:
-                raise ValueError(f"metric {metric!r} is not one of {', '.join(METRICS)}")
             targets[metric] = float(value)
-        except ValueError as e:
-            print(f"error: --target {spec!r}: {e} (write e.g. pesq=3.0,stoi=0.93)", file=sys.stderr)
-            sys.exit(2)
+        except ValueError:
+            fail(f"--target {spec!r}: {value!r} is not a number (write e.g. pesq=3.0,stoi=0.93)")
     previous = {}
     if args.merge and args.out.with_suffix(".json").is_file():
         previous = json.loads(args.out.with_suffix(".json").read_text()).get("runs", {})
@@ -148,9 +152,7 @@ def main(argv=None) -> None:
     payload = {"wav_dir": str(args.wav_dir), "runs": runs, "references": refs}
     if targets:
         payload["fits"] = fits
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    tmp.replace(args.out.with_suffix(".json"))
+    atomic_write_text(args.out.with_suffix(".json"), json.dumps(payload, indent=1) + "\n")
 
     import matplotlib
 
@@ -166,8 +168,8 @@ def main(argv=None) -> None:
                 line, = ax.plot(*zip(*xy), marker="o", label=label)
                 fit = fits.get(label, {}).get(m)
                 if fit:  # the fitted trend over its points and two more doublings, dotted
-                    hs = [fit["from_cpu_hours"] * (fit["to_cpu_hours"] * 4 / fit["from_cpu_hours"]) ** (i / 20) for i in range(21)]
-                    ax.plot(hs, [fit["a"] + fit["per_doubling"] * math.log2(h) for h in hs], ls=":", color=line.get_color())
+                    hs = np.geomspace(fit["from_cpu_hours"], 4 * fit["to_cpu_hours"], 21)
+                    ax.plot(hs, fit["a"] + fit["per_doubling"] * np.log2(hs), ls=":", color=line.get_color())
         for name, vals in refs.items():
             if m in vals:
                 ax.axhline(vals[m], ls="--", lw=1, color="gray")
@@ -188,9 +190,8 @@ def main(argv=None) -> None:
 def markdown_table(points: list[dict]) -> str:
     """One row per point: step, CPU-hours and the metrics any point has (bits/sample for teachers)."""
     cols = [m for m in (*METRICS, "f0_rmse_cents", "vuv_error") if any(r.get(m) is not None for r in points)]
-    names = {**LABELS, "f0_rmse_cents": "F0 RMSE (cents) ↓", "vuv_error": "V/UV error ↓"}
     digits = {"pesq": 3, "stoi": 3, "log_mel_l1": 3, "bits_per_sample": 2, "f0_rmse_cents": 0, "vuv_error": 3}
-    lines = ["| step | CPU-hours | " + " | ".join(names[c] for c in cols) + " |", "|---:|---:|" + "---:|" * len(cols)]
+    lines = ["| step | CPU-hours | " + " | ".join(LABELS[c] for c in cols) + " |", "|---:|---:|" + "---:|" * len(cols)]
     for r in points:
         cells = ["–" if r.get(c) is None else f"{r[c]:.{digits[c]}f}" for c in cols]
         lines.append(f"| {r['step']} | {r['cpu_hours']:.2f} | " + " | ".join(cells) + " |")
